@@ -1,0 +1,355 @@
+//! The credential cache: moka holds the current credential; requests read it without
+//! waiting, a background task replaces it before expiry, and every fetch is single-flight.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use moka::future::Cache;
+use moka::ops::compute::{CompResult, Op};
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, Instant};
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+use super::source::Source;
+use super::{Credential, FailureClass, FetchError};
+use crate::metrics::Metrics;
+
+
+/// Transient failures are retried after 1 s, 2 s, 4 s ... up to this.
+const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(10);
+/// Configuration failures (a refused client or user) are retried this often at most,
+/// or sooner when a secret file changes.
+const CONFIGURATION_RETRY: Duration = Duration::from_secs(60);
+/// An upstream 401 invalidates a credential at most this often.
+const MIN_INVALIDATION_INTERVAL: Duration = Duration::from_secs(5);
+/// How often watched secret files are checked for changes.
+const FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Why a request cannot have a credential right now.
+#[derive(Clone, Debug)]
+pub struct Unavailable {
+    pub message: String,
+    pub retry_after: Duration,
+    pub class: FailureClass,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Trigger {
+    /// A request found no usable credential: obeys the failure backoff.
+    Request,
+    /// The background task: does the backoff itself.
+    Background,
+    /// An upstream 401 on a credential: rate limited.
+    Invalidate,
+}
+
+struct Failure {
+    error: FetchError,
+    attempts: u32,
+    retry_at: Instant,
+}
+
+pub struct CredentialManager {
+    cache: Cache<Arc<str>, Arc<Credential>>,
+    key: Arc<str>,
+    source: Source,
+    generation: AtomicU64,
+    failure: Mutex<Option<Failure>>,
+    last_invalidation: Mutex<Option<Instant>>,
+    wake: Notify,
+    files_changed: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl CredentialManager {
+    pub fn new(source: Source, metrics: Arc<Metrics>) -> Arc<CredentialManager> {
+        Arc::new(CredentialManager {
+            cache: Cache::builder().max_capacity(16).build(),
+            key: Arc::from(source.identity()),
+            source,
+            generation: AtomicU64::new(0),
+            failure: Mutex::new(None),
+            last_invalidation: Mutex::new(None),
+            wake: Notify::new(),
+            files_changed: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// The credential to send now. Waits on the IdP only when no usable credential is held
+    /// and no recent failure says the wait would be in vain.
+    pub async fn current(&self) -> Result<Arc<Credential>, Unavailable> {
+        let held = self.cache.get(&self.key).await;
+        if let Some(credential) = &held {
+            if credential.is_usable(Instant::now()) {
+                return Ok(credential.clone());
+            }
+        }
+        let seen = held.map(|c| c.generation).unwrap_or(0);
+        self.refresh(seen, Trigger::Request).await
+    }
+
+    /// The held credential, usable or not.
+    pub async fn held(&self) -> Option<Arc<Credential>> {
+        self.cache.get(&self.key).await
+    }
+
+    /// Whether a usable credential is held.
+    pub async fn is_ready(&self) -> bool {
+        self.held()
+            .await
+            .is_some_and(|c| c.is_usable(Instant::now()))
+    }
+
+    /// Seconds until the held credential expires.
+    pub async fn expires_in_seconds(&self) -> Option<f64> {
+        let held = self.held().await?;
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        Some(held.schedule.expires_at_unix as f64 - now)
+    }
+
+    /// The last failure to obtain a credential, if the latest attempt failed.
+    pub fn last_failure(&self) -> Option<FetchError> {
+        self.lock_failure().as_ref().map(|f| f.error.clone())
+    }
+
+    /// Obtains a fresh credential now, whatever is held (for `check` and `token`).
+    pub async fn obtain(&self) -> Result<Arc<Credential>, Unavailable> {
+        let seen = self.generation.load(Ordering::SeqCst);
+        self.refresh(seen, Trigger::Background).await
+    }
+
+    /// The upstream refused `generation` with 401: replace it once. Returns the credential
+    /// to retry with, or `None` when no new one could be had.
+    pub async fn invalidate(&self, generation: u64) -> Option<Arc<Credential>> {
+        self.refresh(generation, Trigger::Invalidate).await.ok()
+    }
+
+    fn lock_failure(&self) -> std::sync::MutexGuard<'_, Option<Failure>> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn unavailable(error: &FetchError, retry_at: Instant) -> Unavailable {
+        let retry_after = retry_at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        Unavailable {
+            message: error.message.clone(),
+            retry_after,
+            class: error.class,
+        }
+    }
+
+    /// A recent failure that makes a request give up at once, rather than call the IdP again.
+    fn failure_gate(&self) -> Option<Unavailable> {
+        let failure = self.lock_failure();
+        let f = failure.as_ref()?;
+        (f.retry_at > Instant::now()).then(|| Self::unavailable(&f.error, f.retry_at))
+    }
+
+    fn record_failure(&self, error: &FetchError) {
+        let mut failure = self.lock_failure();
+        let attempts = failure.as_ref().map(|f| f.attempts + 1).unwrap_or(1);
+        let delay = match error.class {
+            FailureClass::Transient => {
+                let base = Duration::from_secs(1u64 << (attempts - 1).min(4)).min(MAX_TRANSIENT_BACKOFF);
+                base.mul_f64(rand::thread_rng().gen_range(0.8..=1.0))
+            }
+            FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
+        };
+        match error.class {
+            FailureClass::Transient => tracing::warn!(
+                attempt = attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                "could not obtain a credential: {}",
+                error.message
+            ),
+            _ => tracing::error!(
+                attempt = attempts,
+                retry_in_s = delay.as_secs(),
+                "could not obtain a credential, check the configuration: {}",
+                error.message
+            ),
+        }
+        *failure = Some(Failure {
+            error: error.clone(),
+            attempts,
+            retry_at: Instant::now() + delay,
+        });
+    }
+
+    fn invalidation_allowed(&self) -> bool {
+        let mut last = self
+            .last_invalidation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < MIN_INVALIDATION_INTERVAL) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    /// Single-flight replacement of the credential of generation `seen`: callers queue on
+    /// the cache entry, and whoever finds a newer usable credential takes it without a call.
+    async fn refresh(&self, seen: u64, trigger: Trigger) -> Result<Arc<Credential>, Unavailable> {
+        let outcome = self
+            .cache
+            .entry(self.key.clone())
+            .and_try_compute_with(|existing| async move {
+                let existing = existing.map(|e| e.into_value());
+                if let Some(credential) = &existing {
+                    let newer = credential.generation > seen;
+                    if newer && credential.is_usable(Instant::now()) {
+                        return Ok(Op::Nop);
+                    }
+                    if trigger == Trigger::Invalidate && (newer || !self.invalidation_allowed()) {
+                        return Ok(Op::Nop);
+                    }
+                }
+                if trigger == Trigger::Request {
+                    if let Some(unavailable) = self.failure_gate() {
+                        return Err(unavailable);
+                    }
+                }
+                match self.source.acquire(existing.as_deref()).await {
+                    Ok(acquired) => {
+                        self.metrics.token_request(acquired.grant, true);
+                        if let Some(warning) = &acquired.warning {
+                            tracing::warn!("{warning}");
+                        }
+                        let recovered = self.lock_failure().take().is_some();
+                        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+                        let lifetime = acquired
+                            .schedule
+                            .expires_at
+                            .saturating_duration_since(Instant::now());
+                        tracing::info!(
+                            grant = acquired.grant,
+                            generation,
+                            lifetime_s = lifetime.as_secs(),
+                            recovered,
+                            "obtained a credential"
+                        );
+                        Ok(Op::Put(Arc::new(Credential {
+                            generation,
+                            header_name: acquired.header_name,
+                            header_value: acquired.header_value,
+                            schedule: acquired.schedule,
+                            refresh_token: acquired.refresh_token,
+                            grant: acquired.grant,
+                            token: acquired.token,
+                            obtained_at: Instant::now(),
+                        })))
+                    }
+                    Err(error) => {
+                        self.metrics.token_request(self.source.primary_grant(), false);
+                        self.record_failure(&error);
+                        let retry_at = self
+                            .lock_failure()
+                            .as_ref()
+                            .map(|f| f.retry_at)
+                            .unwrap_or_else(Instant::now);
+                        Err(Self::unavailable(&error, retry_at))
+                    }
+                }
+            })
+            .await?;
+        match outcome {
+            CompResult::Inserted(entry)
+            | CompResult::ReplacedWith(entry)
+            | CompResult::Unchanged(entry) => {
+                let credential = entry.into_value();
+                if credential.is_usable(Instant::now()) {
+                    Ok(credential)
+                } else {
+                    Err(Unavailable {
+                        message: "the credential has expired and no new one could be obtained yet"
+                            .into(),
+                        retry_after: Duration::from_secs(1),
+                        class: FailureClass::Transient,
+                    })
+                }
+            }
+            CompResult::StillNone(_) | CompResult::Removed(_) => Err(Unavailable {
+                message: "no credential has been obtained yet".into(),
+                retry_after: Duration::from_secs(1),
+                class: FailureClass::Transient,
+            }),
+        }
+    }
+
+    /// Starts the background refresh loop and the secret-file watcher.
+    pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
+        let manager = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move { manager.refresh_loop(stop).await });
+        let files = self.source.watched_files();
+        if !files.is_empty() {
+            let manager = self.clone();
+            tokio::spawn(async move { manager.watch_files(files, shutdown).await });
+        }
+    }
+
+    async fn refresh_loop(self: Arc<Self>, shutdown: Shutdown) {
+        loop {
+            let held = self.held().await;
+            let retry_at = self.lock_failure().as_ref().map(|f| f.retry_at);
+            let next = match (retry_at, &held) {
+                (Some(at), _) => at,
+                (None, Some(credential)) => credential.schedule.refresh_at,
+                (None, None) => Instant::now(),
+            };
+            tokio::select! {
+                _ = sleep_until(next) => {}
+                _ = self.wake.notified() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let files_changed = self.files_changed.swap(false, Ordering::SeqCst);
+            let held = self.held().await;
+            // A changed secret file means the old failure may be fixed: try at once.
+            if files_changed {
+                let retry_now = self.lock_failure().is_some() || self.source.replace_on_file_change();
+                if !retry_now {
+                    continue;
+                }
+            } else if let Some(credential) = &held {
+                let due = Instant::now() >= credential.schedule.refresh_at;
+                if !due && self.lock_failure().is_none() {
+                    continue;
+                }
+            }
+            let seen = held.map(|c| c.generation).unwrap_or(0);
+            let _ = self.refresh(seen, Trigger::Background).await;
+        }
+    }
+
+    async fn watch_files(self: Arc<Self>, files: Vec<PathBuf>, shutdown: Shutdown) {
+        let stamp = |path: &PathBuf| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        let mut last: Vec<_> = files.iter().map(stamp).collect();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(FILE_POLL) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let now: Vec<_> = files.iter().map(stamp).collect();
+            if now != last {
+                tracing::info!("a secret file changed; obtaining a credential with it");
+                last = now;
+                self.files_changed.store(true, Ordering::SeqCst);
+                self.wake.notify_one();
+            }
+        }
+    }
+}

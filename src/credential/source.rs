@@ -1,0 +1,118 @@
+//! Where credentials come from: one variant per auth method, each obtaining or refreshing
+//! a credential on request.
+
+use std::path::PathBuf;
+
+use super::oidc::OidcClient;
+use super::static_file::StaticFile;
+use super::{Acquired, Credential, FetchError};
+use crate::config::{AuthConfig, AuthMethod};
+use crate::secret::SecretSource;
+
+pub enum Source {
+    ClientCredentials(OidcClient),
+    Password {
+        oidc: OidcClient,
+        username: String,
+        password: SecretSource,
+    },
+    Static(StaticFile),
+}
+
+impl Source {
+    pub fn from_config(auth: &AuthConfig, http: reqwest::Client) -> anyhow::Result<Source> {
+        Ok(match auth.method {
+            AuthMethod::ClientCredentials => Source::ClientCredentials(OidcClient::new(auth, http)),
+            AuthMethod::PasswordGrant => Source::Password {
+                oidc: OidcClient::new(auth, http),
+                username: auth.username.clone().unwrap_or_default(),
+                password: auth
+                    .password
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("password_grant needs a password"))?,
+            },
+            AuthMethod::Static => Source::Static(StaticFile {
+                path: auth
+                    .static_token_file
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("static needs static_token_file"))?,
+            }),
+            AuthMethod::AuthCode | AuthMethod::Session => {
+                anyhow::bail!("auth_method {:?} is not available in this build yet", auth.method)
+            }
+        })
+    }
+
+    /// A name for the identity this source lends, used as the cache key.
+    pub fn identity(&self) -> String {
+        match self {
+            Source::ClientCredentials(oidc) => format!("client_credentials:{}", oidc.client_id),
+            Source::Password { oidc, username, .. } => {
+                format!("password:{}:{username}", oidc.client_id)
+            }
+            Source::Static(s) => format!("static:{}", s.path.display()),
+        }
+    }
+
+    /// The grant a failure is counted under in metrics.
+    pub fn primary_grant(&self) -> &'static str {
+        match self {
+            Source::ClientCredentials(_) => "client_credentials",
+            Source::Password { .. } => "password",
+            Source::Static(_) => "static_file",
+        }
+    }
+
+    /// Files whose change should trigger an immediate retry (rotated Kubernetes secrets).
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let secret_file = |s: &Option<SecretSource>| s.as_ref().and_then(|s| s.file()).map(PathBuf::from);
+        match self {
+            Source::ClientCredentials(oidc) => secret_file(&oidc.client_secret).into_iter().collect(),
+            Source::Password { oidc, password, .. } => secret_file(&oidc.client_secret)
+                .into_iter()
+                .chain(password.file().map(PathBuf::from))
+                .collect(),
+            Source::Static(s) => vec![s.path.clone()],
+        }
+    }
+
+    /// Whether the credential should be replaced when a watched file changes, even if it is
+    /// still valid (a rotated static token must be used at once).
+    pub fn replace_on_file_change(&self) -> bool {
+        matches!(self, Source::Static(_))
+    }
+
+    /// Obtains a credential: a refresh-token grant when the previous credential carries a
+    /// refresh token (falling back to the full grant when it is refused), else the full grant.
+    pub async fn acquire(&self, previous: Option<&Credential>) -> Result<Acquired, FetchError> {
+        let oidc = match self {
+            Source::ClientCredentials(oidc) | Source::Password { oidc, .. } => oidc,
+            Source::Static(s) => return s.acquire(),
+        };
+        if let Some(refresh_token) = previous.and_then(|c| c.refresh_token.as_ref()) {
+            match oidc.grant("refresh_token", oidc.refresh_form(refresh_token)).await {
+                Ok(acquired) => return Ok(acquired),
+                Err(e) if e.oauth_error.is_some() => {
+                    tracing::info!(error = %e, "refresh token refused; falling back to the full grant");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self {
+            Source::ClientCredentials(oidc) => {
+                oidc.grant("client_credentials", oidc.client_credentials_form()).await
+            }
+            Source::Password {
+                oidc,
+                username,
+                password,
+            } => {
+                let password = password.read().map_err(|e| {
+                    FetchError::configuration(format!("cannot read password_file: {e}"))
+                })?;
+                oidc.grant("password", oidc.password_form(username, &password)).await
+            }
+            Source::Static(s) => s.acquire(),
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Forward one request: admit it, replace its credentials, rewrite the target, drop
+//! hop-by-hop headers, stream both bodies, and map upstream failures to clear errors.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use url::Url;
+
+use crate::credential::CredentialManager;
+use crate::error::ProxyError;
+use crate::guard::Guard;
+use crate::metrics::Metrics;
+
+/// What the caller receives: the upstream's streamed body, or a body the proxy made.
+pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Idle upstream connections close before the usual 60 s of load balancers.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
+
+/// The upstream as requests are rewritten to it.
+pub struct Upstream {
+    /// `scheme://authority`, e.g. `https://ml.example.com`.
+    origin: String,
+    /// The base path of the upstream URL without its trailing slash (usually empty).
+    base_path: String,
+    /// The Host header sent (ingresses route by it).
+    host: HeaderValue,
+}
+
+impl Upstream {
+    pub fn new(url: &Url) -> anyhow::Result<Upstream> {
+        let origin = url.origin().ascii_serialization();
+        let authority = origin
+            .split_once("://")
+            .map(|(_, a)| a.to_owned())
+            .unwrap_or_default();
+        Ok(Upstream {
+            base_path: url.path().trim_end_matches('/').to_owned(),
+            host: HeaderValue::try_from(authority)?,
+            origin,
+        })
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let mut text =
+            String::with_capacity(self.origin.len() + self.base_path.len() + path_and_query.len());
+        text.push_str(&self.origin);
+        text.push_str(&self.base_path);
+        text.push_str(path_and_query);
+        text.parse()
+            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
+    }
+
+    /// A `Location` on the upstream's own origin, made relative so the caller stays behind
+    /// the proxy; other locations pass unchanged.
+    fn rewrite_location(&self, location: &HeaderValue) -> Option<HeaderValue> {
+        let text = location.to_str().ok()?;
+        let rest = text.strip_prefix(self.origin.as_str())?;
+        let rest = if rest.is_empty() { "/" } else { rest };
+        if !rest.starts_with('/') || rest.starts_with("//") {
+            return None;
+        }
+        let rest = rest.strip_prefix(self.base_path.as_str()).unwrap_or(rest);
+        HeaderValue::try_from(rest).ok()
+    }
+}
+
+/// Everything the workers share.
+pub struct Shared {
+    pub manager: Arc<CredentialManager>,
+    pub metrics: Arc<Metrics>,
+    pub guard: Guard,
+    pub upstream: Upstream,
+    pub upstream_timeout: Duration,
+    pub access_log: bool,
+}
+
+/// One worker's forwarder, with its own upstream connection pool.
+#[derive(Clone)]
+pub struct Forwarder {
+    shared: Arc<Shared>,
+    client: UpstreamClient,
+}
+
+static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn new_request_id() -> HeaderValue {
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| format!("{:08x}", rand::random::<u32>()));
+    let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{prefix}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
+/// credentials a caller may have sent.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+impl Forwarder {
+    pub fn new(shared: Arc<Shared>, connector: HttpsConnector<HttpConnector>, max_idle: usize) -> Forwarder {
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(UPSTREAM_IDLE)
+            .pool_max_idle_per_host(max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Forwarder { shared, client }
+    }
+
+    /// Handles one request from a caller; never fails (errors become responses).
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let request_id = request
+            .headers()
+            .get(&REQUEST_ID)
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        let path = request.uri().path().to_owned();
+        let (mut response, upstream_elapsed) = match self.forward(request, &request_id).await {
+            Ok((response, elapsed)) => (response.map(Either::Left), Some(elapsed)),
+            Err(error) => {
+                self.shared.metrics.proxy_error(error.kind());
+                if matches!(
+                    error,
+                    ProxyError::TokenUnavailable { .. }
+                        | ProxyError::UpstreamUnreachable(_)
+                        | ProxyError::UpstreamTls(_)
+                        | ProxyError::UpstreamTimeout(_)
+                ) {
+                    tracing::warn!(kind = error.kind(), %method, path, "{}", error.message());
+                }
+                (error.to_response().map(Either::Right), None)
+            }
+        };
+        response.headers_mut().insert(REQUEST_ID, request_id.clone());
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        self.shared.metrics.request(status, elapsed);
+        if self.shared.access_log {
+            tracing::info!(
+                target: "access",
+                %method,
+                path,
+                status,
+                upstream_ms = upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
+                total_ms = elapsed.as_secs_f64() * 1e3,
+                request_id = request_id.to_str().unwrap_or_default(),
+            );
+        }
+        response
+    }
+
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        request_id: &HeaderValue,
+    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
+        let shared = &*self.shared;
+        let (mut parts, body) = request.into_parts();
+        let target = shared
+            .guard
+            .admit(&parts.method, &parts.uri, &parts.headers)?;
+        parts.uri = shared.upstream.uri(target)?;
+        let credential = shared
+            .manager
+            .current()
+            .await
+            .map_err(|u| ProxyError::TokenUnavailable {
+                message: u.message,
+                retry_after: u.retry_after,
+            })?;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(header::COOKIE);
+        headers.insert(header::HOST, shared.upstream.host.clone());
+        headers.insert(REQUEST_ID, request_id.clone());
+        headers.insert(credential.header_name.clone(), credential.header_value.clone());
+        parts.version = http::Version::HTTP_11;
+
+        let sent = Instant::now();
+        let response = tokio::time::timeout(
+            shared.upstream_timeout,
+            self.client.request(Request::from_parts(parts, body)),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout(shared.upstream_timeout))?
+        .map_err(classify_upstream_error)?;
+        let upstream_elapsed = sent.elapsed();
+
+        let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::UNAUTHORIZED {
+            shared.metrics.upstream_unauthorized();
+            let manager = shared.manager.clone();
+            let generation = credential.generation;
+            tokio::spawn(async move { manager.invalidate(generation).await });
+        }
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(location) = parts.headers.get(header::LOCATION) {
+            if let Some(rewritten) = shared.upstream.rewrite_location(location) {
+                parts.headers.insert(header::LOCATION, rewritten);
+            }
+        }
+        Ok((Response::from_parts(parts, body), upstream_elapsed))
+    }
+}
+
+/// Names what went wrong talking to the upstream without echoing anything sensitive.
+fn classify_upstream_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+    let mut causes = String::new();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if !causes.is_empty() {
+            causes.push_str(": ");
+        }
+        causes.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let lower = causes.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("invalidcertificate") || lower.contains("unknownissuer") {
+        ProxyError::UpstreamTls(format!(
+            "the upstream's certificate was not trusted ({causes}); set ca_file to its CA bundle"
+        ))
+    } else if error.is_connect() {
+        ProxyError::UpstreamUnreachable(if causes.is_empty() { "connection failed".into() } else { causes })
+    } else {
+        ProxyError::UpstreamUnreachable(if causes.is_empty() { error.to_string() } else { causes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_origin_locations_become_relative() {
+        let up = Upstream::new(&Url::parse("https://ml.example.com").unwrap()).unwrap();
+        let loc = |s: &'static str| up.rewrite_location(&HeaderValue::from_static(s));
+        assert_eq!(
+            loc("https://ml.example.com/seldon-deploy/api/v1alpha1/x?y=1").unwrap(),
+            "/seldon-deploy/api/v1alpha1/x?y=1"
+        );
+        assert_eq!(loc("https://ml.example.com").unwrap(), "/");
+        assert!(loc("https://ml.example.com.evil.org/x").is_none());
+        assert!(loc("https://other.example.com/x").is_none());
+        assert!(loc("/relative").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_the_raw_path_and_query() {
+        let up = Upstream::new(&Url::parse("http://127.0.0.1:9000/base/").unwrap()).unwrap();
+        let uri = up.uri("/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2").unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:9000/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2");
+        assert_eq!(up.host, "127.0.0.1:9000");
+    }
+}

@@ -1,0 +1,224 @@
+//! The proxy listener: one single-threaded runtime per CPU, each with its own
+//! `SO_REUSEPORT` socket, connection pool and connection limit, and a graceful drain.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+
+use crate::config::{Limits, ListenAddr};
+use crate::credential::manager::Shutdown;
+use crate::proxy::Forwarder;
+
+/// Sockets bound before the workers start, so start-up errors surface at once.
+pub enum BoundListeners {
+    Tcp(Vec<std::net::TcpListener>),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Binds the proxy listener: `workers` TCP sockets sharing one port, or one Unix socket
+/// created with mode 0600. Returns the sockets and the address actually bound.
+pub fn bind(listen: &ListenAddr, workers: usize) -> anyhow::Result<(BoundListeners, ListenAddr)> {
+    match listen {
+        ListenAddr::Tcp(addr) => {
+            let first = reuseport_socket(*addr)?;
+            let bound = first.local_addr()?;
+            let mut sockets = vec![first];
+            for _ in 1..workers {
+                sockets.push(reuseport_socket(bound)?);
+            }
+            Ok((BoundListeners::Tcp(sockets), ListenAddr::Tcp(bound)))
+        }
+        ListenAddr::Unix(path) => Ok((BoundListeners::Unix(bind_unix(path)?), listen.clone())),
+    }
+}
+
+fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| anyhow::anyhow!("listen: cannot bind {addr}: {e}"))?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            anyhow::bail!(
+                "listen: {} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
+        }
+    }
+    // The socket must never exist with looser permissions, not even for a moment.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    unsafe { libc::umask(previous) };
+    let listener = bound.map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// What a worker needs to serve connections.
+#[derive(Clone)]
+pub struct WorkerSettings {
+    pub limits: Limits,
+    pub max_connections: usize,
+    pub grace: Duration,
+}
+
+/// Starts one worker thread per listener; each returns when its connections have drained
+/// after `stop_accepting` fires (or the grace period ran out).
+pub fn spawn_workers(
+    listeners: BoundListeners,
+    make_forwarder: impl Fn() -> Forwarder,
+    settings: WorkerSettings,
+    stop_accepting: Shutdown,
+) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
+    let mut done = Vec::new();
+    let mut start = |index: usize, listener: WorkerListener, max_connections: usize| -> anyhow::Result<()> {
+        let forwarder = make_forwarder();
+        let settings = WorkerSettings { max_connections, ..settings.clone() };
+        let stop = stop_accepting.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("proxy-worker-{index}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
+                    Err(e) => tracing::error!("worker {index} could not start: {e}"),
+                }
+                let _ = tx.send(());
+            })?;
+        done.push(rx);
+        Ok(())
+    };
+    match listeners {
+        BoundListeners::Tcp(sockets) => {
+            let per_worker = settings.max_connections.div_ceil(sockets.len()).max(1);
+            for (i, socket) in sockets.into_iter().enumerate() {
+                start(i, WorkerListener::Tcp(socket), per_worker)?;
+            }
+        }
+        BoundListeners::Unix(socket) => start(0, WorkerListener::Unix(socket), settings.max_connections)?,
+    }
+    Ok(done)
+}
+
+enum WorkerListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// A listener a worker accepts connections from.
+trait Acceptor {
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream>;
+}
+
+impl Acceptor for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        let (stream, _) = self.accept().await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+impl Acceptor for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+async fn serve(listener: WorkerListener, forwarder: Forwarder, settings: WorkerSettings, stop: Shutdown) {
+    let result = match listener {
+        WorkerListener::Tcp(socket) => match tokio::net::TcpListener::from_std(socket) {
+            Ok(listener) => accept_loop(listener, &forwarder, &settings, &stop).await,
+            Err(e) => Err(e),
+        },
+        WorkerListener::Unix(socket) => match tokio::net::UnixListener::from_std(socket) {
+            Ok(listener) => accept_loop(listener, &forwarder, &settings, &stop).await,
+            Err(e) => Err(e),
+        },
+    };
+    if let Err(e) = result {
+        tracing::error!("proxy listener failed: {e}");
+    }
+}
+
+async fn accept_loop<A: Acceptor>(
+    listener: A,
+    forwarder: &Forwarder,
+    settings: &WorkerSettings,
+    stop: &Shutdown,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(settings.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.limits.header_read_timeout)
+        .max_buf_size(settings.limits.max_header_bytes)
+        .keep_alive(true);
+    loop {
+        // Beyond the limit, connections wait in the kernel's backlog rather than be refused.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stop.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            stream = listener.accept_one() => match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let forwarder = forwarder.clone();
+        let service = service_fn(move |request| {
+            let forwarder = forwarder.clone();
+            async move { Ok::<_, Infallible>(forwarder.handle(request).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    // Stop accepting at once: new callers get a refused connection, not a hang.
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(settings.grace) => {
+            tracing::warn!("shutdown grace period ended with requests still in flight");
+        }
+    }
+    Ok(())
+}
