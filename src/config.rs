@@ -40,7 +40,21 @@ pub enum Command {
     /// Log in with the authorization-code flow and store the tokens (auth_code method).
     Login,
     /// Start an embedded identity provider, a stand-in platform and the proxy: a development aid.
-    Dev,
+    Dev(DevArgs),
+}
+
+/// Options of `dev` alone (the proxy's own settings still apply).
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct DevArgs {
+    /// Lifetime of the tokens the embedded IdP issues.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub token_lifetime: Duration,
+    /// Address of the embedded IdP [default: an ephemeral port on 127.0.0.1].
+    #[arg(long, value_name = "ADDR")]
+    pub idp_listen: Option<SocketAddr>,
+    /// Address of the embedded platform stand-in [default: an ephemeral port on 127.0.0.1].
+    #[arg(long, value_name = "ADDR")]
+    pub platform_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]

@@ -100,9 +100,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     let connector = outbound::upstream_connector(&config.tls, config.limits.upstream_connect_timeout)?;
     let (listeners, proxy_addr) = server::bind(&config.listen, config.workers)?;
-    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("admin_listen: cannot bind {}: {e}", config.admin_listen))?;
+    let admin_listener = server::bind_admin(config.admin_listen)?;
     let admin_addr = admin_listener.local_addr()?;
 
     let background = Shutdown::new();

@@ -27,8 +27,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if command == Command::Dev {
-        return runtime.block_on(seldon_auth_proxy::dev::run(settings));
+    if let Command::Dev(args) = command {
+        return runtime.block_on(seldon_auth_proxy::dev::run(args, settings));
     }
     let config = match Config::from_settings(settings) {
         Ok(config) => config,
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
                 eprintln!("seldon-auth-proxy: login is not available in this build yet");
                 ExitCode::from(EXIT_CONFIG)
             }
-            Command::Dev => unreachable!("handled above"),
+            Command::Dev(_) => unreachable!("handled above"),
         }
     })
 }

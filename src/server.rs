@@ -41,6 +41,22 @@ pub fn bind(listen: &ListenAddr, workers: usize) -> anyhow::Result<(BoundListene
     }
 }
 
+/// Binds the admin listener; `[::]` accepts IPv4 too, so probes reach it on any cluster.
+pub fn bind_admin(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| anyhow::anyhow!("admin_listen: cannot bind {addr}: {e}"))?;
+    socket.listen(1024)?;
+    Ok(tokio::net::TcpListener::from_std(socket.into())?)
+}
+
 fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

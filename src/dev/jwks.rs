@@ -84,8 +84,7 @@ impl JwksVerifier {
 
     /// Verifies `token` and returns its claims.
     pub async fn verify(&self, token: &str) -> Result<Value, VerifyError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| classify(e.into_kind()))?;
         let candidates = self.keys_for(header.kid.as_deref()).await?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = 0;
@@ -225,6 +224,10 @@ fn classify(kind: ErrorKind) -> VerifyError {
         ErrorKind::MissingRequiredClaim(claim) => {
             VerifyError::Malformed(format!("missing {claim} claim"))
         }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => VerifyError::Malformed("not a valid JWT".to_string()),
         other => VerifyError::Malformed(format!("{other:?}")),
     }
 }

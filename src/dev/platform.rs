@@ -137,7 +137,7 @@ async fn guard(State(state): State<Arc<PlatformState>>, mut req: Request, next: 
         api_error(StatusCode::NOT_FOUND, "no such path")
     } else {
         match bearer_token(req.headers()) {
-            None => unauthorized(&state, "missing bearer token".to_string()),
+            None => unauthorized(&state, "missing bearer token".to_string(), true),
             Some(token) => match state.verifier.verify(token).await {
                 Ok(claims) => {
                     subject = claims.get("sub").and_then(Value::as_str).map(String::from);
@@ -148,7 +148,7 @@ async fn guard(State(state): State<Arc<PlatformState>>, mut req: Request, next: 
                     tracing::warn!(%reason, "dev platform cannot verify tokens");
                     api_error(StatusCode::SERVICE_UNAVAILABLE, "cannot verify tokens now")
                 }
-                Err(error) => unauthorized(&state, error.to_string()),
+                Err(error) => unauthorized(&state, error.to_string(), false),
             },
         }
     };
@@ -170,12 +170,18 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-fn unauthorized(state: &PlatformState, reason: String) -> Response {
+fn unauthorized(state: &PlatformState, reason: String, missing: bool) -> Response {
     state.rejected.fetch_add(1, Ordering::Relaxed);
     let mut response = api_error(StatusCode::UNAUTHORIZED, &format!("unauthorized: {reason}"));
+    // RFC 6750 §3: no error code when no credentials were sent at all.
+    let challenge = if missing {
+        "Bearer"
+    } else {
+        "Bearer error=\"invalid_token\""
+    };
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
-        HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        HeaderValue::from_static(challenge),
     );
     response
 }
