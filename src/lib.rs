@@ -3,6 +3,7 @@
 //! proxy on the listeners a [`config::Config`] names (port 0 works), for `main` and tests.
 
 pub mod admin;
+pub mod body;
 pub mod cli;
 pub mod config;
 pub mod credential;

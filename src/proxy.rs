@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use url::Url;
 
+use crate::body::ForwardBody;
 use crate::credential::CredentialManager;
 use crate::error::ProxyError;
 use crate::guard::Guard;
@@ -24,7 +25,7 @@ use crate::metrics::Metrics;
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Incoming>;
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -214,26 +215,55 @@ impl Forwarder {
         headers.remove(header::COOKIE);
         headers.insert(header::HOST, shared.upstream.host.clone());
         headers.insert(REQUEST_ID, request_id.clone());
-        headers.insert(credential.header_name.clone(), credential.header_value.clone());
         parts.version = http::Version::HTTP_11;
+        let (body, copy) = ForwardBody::from_incoming(body);
+        // Kept for a replay after a 401: the head without its credential.
+        let replay_head = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+        parts
+            .headers
+            .insert(credential.header_name.clone(), credential.header_value.clone());
 
         let sent = Instant::now();
-        let response = tokio::time::timeout(
-            shared.upstream_timeout,
-            self.client.request(Request::from_parts(parts, body)),
-        )
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout(shared.upstream_timeout))?
-        .map_err(classify_upstream_error)?;
+        let mut response = self.send(Request::from_parts(parts, body)).await?;
+        if response.status() == StatusCode::UNAUTHORIZED {
+            shared.metrics.upstream_unauthorized();
+            let replay_body = match &copy {
+                None => Some(Bytes::new()),
+                Some(copy) => copy.replayable(),
+            };
+            match replay_body {
+                Some(bytes) => {
+                    // Single-flight and rate limited: many 401s on one credential cause one
+                    // token request; the request is replayed once, never looped.
+                    let fresh = shared.manager.invalidate(credential.generation).await;
+                    if let Some(fresh) = fresh.filter(|f| f.generation != credential.generation) {
+                        let (method, uri, mut headers) = replay_head;
+                        headers.insert(fresh.header_name.clone(), fresh.header_value.clone());
+                        let body = if bytes.is_empty() {
+                            ForwardBody::Empty
+                        } else {
+                            ForwardBody::Buffered(Some(bytes))
+                        };
+                        let mut replay = Request::new(body);
+                        *replay.method_mut() = method;
+                        *replay.uri_mut() = uri;
+                        *replay.headers_mut() = headers;
+                        response = self.send(replay).await?;
+                        if response.status() == StatusCode::UNAUTHORIZED {
+                            shared.metrics.upstream_unauthorized();
+                        }
+                    }
+                }
+                None => {
+                    let manager = shared.manager.clone();
+                    let generation = credential.generation;
+                    tokio::spawn(async move { manager.invalidate(generation).await });
+                }
+            }
+        }
         let upstream_elapsed = sent.elapsed();
 
         let (mut parts, body) = response.into_parts();
-        if parts.status == StatusCode::UNAUTHORIZED {
-            shared.metrics.upstream_unauthorized();
-            let manager = shared.manager.clone();
-            let generation = credential.generation;
-            tokio::spawn(async move { manager.invalidate(generation).await });
-        }
         strip_hop_by_hop(&mut parts.headers);
         if let Some(location) = parts.headers.get(header::LOCATION) {
             if let Some(rewritten) = shared.upstream.rewrite_location(location) {
@@ -241,6 +271,15 @@ impl Forwarder {
             }
         }
         Ok((Response::from_parts(parts, body), upstream_elapsed))
+    }
+
+    /// Sends one request upstream, bounded by the response-head timeout.
+    async fn send(&self, request: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
+        let timeout = self.shared.upstream_timeout;
+        tokio::time::timeout(timeout, self.client.request(request))
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
+            .map_err(classify_upstream_error)
     }
 }
 
