@@ -1,0 +1,2 @@
+pub mod deps;
+pub mod idp;
