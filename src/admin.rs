@@ -31,11 +31,12 @@ pub fn router(state: Arc<AdminState>) -> Router {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    let warning = state
-        .insecure_skip_verify
-        .then_some("TLS verification is disabled for the IdP and the upstream (insecure_skip_verify)");
+    let warning = state.insecure_skip_verify.then_some(
+        "TLS verification is disabled for the IdP and the upstream (insecure_skip_verify)",
+    );
     if state.draining.load(Ordering::SeqCst) {
-        let body = serde_json::json!({ "ready": false, "reason": "shutting down", "warning": warning });
+        let body =
+            serde_json::json!({ "ready": false, "reason": "shutting down", "warning": warning });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     if state.manager.is_ready().await {

@@ -67,7 +67,13 @@ impl ForwardBody {
             return (ForwardBody::Empty, None);
         }
         let copy = ReplayCopy::default();
-        (ForwardBody::Streaming { inner, copy: copy.clone() }, Some(copy))
+        (
+            ForwardBody::Streaming {
+                inner,
+                copy: copy.clone(),
+            },
+            Some(copy),
+        )
     }
 }
 

@@ -26,13 +26,18 @@ pub fn parse() -> Result<(Command, Settings), ConfigError> {
             unknown.join(", ")
         )));
     }
-    let matches = command.try_get_matches_from_mut(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| e.exit());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let from_file = match &cli.settings.config {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
     };
-    Ok((cli.command.unwrap_or(Command::Serve), cli.settings.over(from_file)))
+    Ok((
+        cli.command.unwrap_or(Command::Serve),
+        cli.settings.over(from_file),
+    ))
 }
 
 /// Warnings about how secrets were given, printed once at start-up.
@@ -119,7 +124,10 @@ pub async fn check_or_token(command: Command, config: Config) -> ExitCode {
         match &credential.token {
             Some(token) => writeln!(out, "{}", token.expose()),
             None => {
-                eprintln!("seldon-auth-proxy: the {:?} method yields a cookie, not a bearer token", config.auth.method);
+                eprintln!(
+                    "seldon-auth-proxy: the {:?} method yields a cookie, not a bearer token",
+                    config.auth.method
+                );
                 return ExitCode::from(EXIT_NO_CREDENTIAL);
             }
         }
@@ -158,7 +166,9 @@ fn summary(config: &Config, credential: &crate::credential::Credential) -> Strin
 fn public_claims(token: &str) -> Option<String> {
     use base64::Engine;
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let mut text = String::new();
     for key in ["iss", "sub", "preferred_username", "email", "aud", "azp"] {

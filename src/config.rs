@@ -84,7 +84,8 @@ pub enum LogFormat {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 10s, 500ms, 2m)"))
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write durations like 10s, 500ms, 2m)"))
 }
 
 /// Every setting, each optional so the layers can be merged. The same struct is read from
@@ -93,45 +94,95 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// TOML file with settings (keys as the flags, with `_` for `-`).
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CONFIG",
+        value_name = "FILE"
+    )]
     #[serde(skip)]
     pub config: Option<PathBuf>,
 
     /// The platform's base URL, e.g. https://ml.example.com.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_UPSTREAM",
+        value_name = "URL"
+    )]
     pub upstream: Option<String>,
     /// Proxy listener: HOST:PORT on loopback, or unix:/path/to.sock [default: 127.0.0.1:8080].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_LISTEN",
+        value_name = "ADDR"
+    )]
     pub listen: Option<String>,
     /// Admin listener for /healthz, /readyz, /metrics [default: 127.0.0.1:9090].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_ADMIN_LISTEN",
+        value_name = "ADDR"
+    )]
     pub admin_listen: Option<String>,
     /// How the credential is obtained [default: client_credentials].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_AUTH_METHOD")]
     pub auth_method: Option<AuthMethod>,
     /// The OIDC issuer; discovery at URL/.well-known/openid-configuration.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_OIDC_SERVER", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_OIDC_SERVER",
+        value_name = "URL"
+    )]
     pub oidc_server: Option<String>,
     /// Token endpoint, skipping discovery.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_TOKEN_ENDPOINT", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_TOKEN_ENDPOINT",
+        value_name = "URL"
+    )]
     pub token_endpoint: Option<String>,
     /// OAuth client id.
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CLIENT_ID")]
     pub client_id: Option<String>,
     /// OAuth client secret (prefer the environment variable or --client-secret-file).
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CLIENT_SECRET",
+        hide_env_values = true
+    )]
     pub client_secret: Option<String>,
     /// File holding the client secret (one trailing newline is trimmed).
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CLIENT_SECRET_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CLIENT_SECRET_FILE",
+        value_name = "FILE"
+    )]
     pub client_secret_file: Option<PathBuf>,
     /// User name for password_grant and session.
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_USERNAME")]
     pub username: Option<String>,
     /// Password (prefer the environment variable or --password-file).
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// File holding the password (one trailing newline is trimmed).
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
     pub password_file: Option<PathBuf>,
     /// Scopes requested [default: openid profile email groups].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_SCOPE")]
@@ -146,43 +197,93 @@ pub struct Settings {
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_RESOURCE")]
     pub resource: Option<String>,
     /// Token file for the static method, re-read when it changes.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_STATIC_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_STATIC_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     pub static_token_file: Option<PathBuf>,
     /// Session cookie name for the session method [default: authservice_session].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_SESSION_COOKIE_NAME")]
     pub session_cookie_name: Option<String>,
     /// Redirect URI for auth_code [default: UPSTREAM/seldon-deploy/auth/callback].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_REDIRECT_URI", value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_REDIRECT_URI",
+        value_name = "URL"
+    )]
     pub redirect_uri: Option<String>,
     /// Where `login` stores tokens for auth_code [default: the user's cache directory].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_TOKEN_CACHE_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_TOKEN_CACHE_FILE",
+        value_name = "FILE"
+    )]
     pub token_cache_file: Option<PathBuf>,
     /// Path prefixes forwarded (repeatable) [default: /seldon-deploy/api/v1alpha1].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ALLOWED_PATH_PREFIX", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_ALLOWED_PATH_PREFIX",
+        value_delimiter = ','
+    )]
     pub allowed_path_prefix: Option<Vec<String>>,
     /// Host header values accepted (repeatable; port ignored) [default: localhost, 127.0.0.1, [::1]].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ALLOWED_HOST", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_ALLOWED_HOST",
+        value_delimiter = ','
+    )]
     pub allowed_host: Option<Vec<String>>,
     /// Browser origins allowed to call the proxy (repeatable) [default: none].
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ALLOWED_ORIGIN", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_ALLOWED_ORIGIN",
+        value_delimiter = ','
+    )]
     pub allowed_origin: Option<Vec<String>>,
     /// Permit a proxy listener that is not on loopback.
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ALLOW_NON_LOOPBACK", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_non_loopback: Option<bool>,
     /// File holding a local secret every caller must present as `Authorization: Bearer <secret>`.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_INBOUND_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_INBOUND_TOKEN_FILE",
+        value_name = "FILE"
+    )]
     pub inbound_token_file: Option<PathBuf>,
     /// PEM bundle of extra trust roots for the IdP and the upstream.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CA_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CA_FILE",
+        value_name = "FILE"
+    )]
     pub ca_file: Option<PathBuf>,
     /// Disable TLS verification for the IdP and the upstream (dangerous).
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_INSECURE_SKIP_VERIFY", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_skip_verify: Option<bool>,
     /// Client certificate (PEM) for mTLS to the upstream.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CLIENT_CERT", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CLIENT_CERT",
+        value_name = "FILE"
+    )]
     pub client_cert: Option<PathBuf>,
     /// Client key (PEM) for mTLS to the upstream.
-    #[arg(long, global = true, env = "SELDON_AUTH_PROXY_CLIENT_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_CLIENT_KEY",
+        value_name = "FILE"
+    )]
     pub client_key: Option<PathBuf>,
     /// Permit plain http:// to a non-loopback IdP or upstream.
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_ALLOW_PLAIN_HTTP", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
@@ -190,11 +291,11 @@ pub struct Settings {
     /// Largest request head accepted, in bytes; larger gets 431 [default: 65536].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
-    /// Time allowed to receive a request head [default: 10s].
+    /// Time allowed to receive a request head, counted from when the connection waits for one [default: 10s].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub header_read_timeout: Option<Duration>,
-    /// Idle client keep-alive connections are closed after this [default: 60s].
+    /// Idle client keep-alive connections are closed after this, or after header_read_timeout if shorter [default: 30s].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_IDLE_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
@@ -390,16 +491,14 @@ pub fn is_loopback_url(url: &Url) -> bool {
 }
 
 fn parse_socket_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    let normalized = text.strip_prefix("localhost:").map(|port| format!("127.0.0.1:{port}"));
-    normalized
-        .as_deref()
-        .unwrap_or(text)
-        .parse()
-        .map_err(|_| {
-            bad(format!(
-                "{key}: `{text}` is not an address like 127.0.0.1:8080 or [::1]:8080"
-            ))
-        })
+    let normalized = text
+        .strip_prefix("localhost:")
+        .map(|port| format!("127.0.0.1:{port}"));
+    normalized.as_deref().unwrap_or(text).parse().map_err(|_| {
+        bad(format!(
+            "{key}: `{text}` is not an address like 127.0.0.1:8080 or [::1]:8080"
+        ))
+    })
 }
 
 fn secret_source(
@@ -449,7 +548,11 @@ impl Config {
         let listen_text = s.listen.unwrap_or_else(|| "127.0.0.1:8080".into());
         let listen = match listen_text.strip_prefix("unix:") {
             Some(path) if !path.is_empty() => ListenAddr::Unix(PathBuf::from(path)),
-            Some(_) => return Err(bad("listen: unix: needs a path, e.g. unix:/run/seldon/proxy.sock")),
+            Some(_) => {
+                return Err(bad(
+                    "listen: unix: needs a path, e.g. unix:/run/seldon/proxy.sock",
+                ))
+            }
             None => {
                 let addr = parse_socket_addr("listen", &listen_text)?;
                 if !addr.ip().is_loopback() && !allow_non_loopback {
@@ -490,7 +593,10 @@ impl Config {
             } else {
                 Err(bad(format!(
                     "auth_method {}: {what}",
-                    method.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
+                    method
+                        .to_possible_value()
+                        .map(|v| v.get_name().to_owned())
+                        .unwrap_or_default()
                 )))
             }
         };
@@ -569,24 +675,33 @@ impl Config {
             }
         }
 
-        let positive = |key: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
-            let d = d.unwrap_or(default);
-            if d.is_zero() {
-                Err(bad(format!("{key}: must be greater than zero")))
-            } else {
-                Ok(d)
-            }
-        };
+        let positive =
+            |key: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
+                let d = d.unwrap_or(default);
+                if d.is_zero() {
+                    Err(bad(format!("{key}: must be greater than zero")))
+                } else {
+                    Ok(d)
+                }
+            };
         let limits = Limits {
             max_header_bytes: s.max_header_bytes.unwrap_or(64 * 1024),
-            header_read_timeout: positive("header_read_timeout", s.header_read_timeout, Duration::from_secs(10))?,
-            idle_timeout: positive("idle_timeout", s.idle_timeout, Duration::from_secs(60))?,
+            header_read_timeout: positive(
+                "header_read_timeout",
+                s.header_read_timeout,
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: positive("idle_timeout", s.idle_timeout, Duration::from_secs(30))?,
             upstream_connect_timeout: positive(
                 "upstream_connect_timeout",
                 s.upstream_connect_timeout,
                 Duration::from_secs(5),
             )?,
-            upstream_timeout: positive("upstream_timeout", s.upstream_timeout, Duration::from_secs(60))?,
+            upstream_timeout: positive(
+                "upstream_timeout",
+                s.upstream_timeout,
+                Duration::from_secs(60),
+            )?,
             max_connections: s.max_connections.unwrap_or(4096),
         };
         if limits.max_header_bytes < 8192 {
@@ -606,7 +721,9 @@ impl Config {
             )));
         }
         if s.client_cert.is_some() != s.client_key.is_some() {
-            return Err(bad("client_cert and client_key go together; give both or neither"));
+            return Err(bad(
+                "client_cert and client_key go together; give both or neither",
+            ));
         }
 
         Ok(Config {
@@ -621,7 +738,9 @@ impl Config {
                 client_secret,
                 username: s.username,
                 password,
-                scope: s.scope.unwrap_or_else(|| "openid profile email groups".into()),
+                scope: s
+                    .scope
+                    .unwrap_or_else(|| "openid profile email groups".into()),
                 token_field: s.token_field.unwrap_or(TokenField::IdToken),
                 audience: s.audience,
                 resource: s.resource,
@@ -690,7 +809,10 @@ mod tests {
         assert_eq!(c.listen, ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
         assert_eq!(c.admin_listen, "127.0.0.1:9090".parse().unwrap());
         assert_eq!(c.auth.scope, "openid profile email groups");
-        assert_eq!(c.allowed_path_prefixes, vec![DEFAULT_PATH_PREFIX.to_owned()]);
+        assert_eq!(
+            c.allowed_path_prefixes,
+            vec![DEFAULT_PATH_PREFIX.to_owned()]
+        );
         assert_eq!(c.auth.token_field, TokenField::IdToken);
         assert!(c.auth.idp_timeout <= Duration::from_secs(10));
         assert!(c.limits.max_connections >= 4096);
@@ -738,7 +860,11 @@ mod tests {
         std::fs::write(&path, "idp_timeout = \"ten seconds\"\n").unwrap();
         let err = Settings::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("idp_timeout"), "{err}");
-        std::fs::write(&path, "idp_timeout = \"500ms\"\nallowed_host = [\"a\", \"b\"]\n").unwrap();
+        std::fs::write(
+            &path,
+            "idp_timeout = \"500ms\"\nallowed_host = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
         let s = Settings::from_file(&path).unwrap();
         assert_eq!(s.idp_timeout, Some(Duration::from_millis(500)));
         assert_eq!(s.allowed_host.unwrap().len(), 2);
@@ -751,7 +877,10 @@ mod tests {
             ..base()
         };
         let err = Config::from_settings(s).unwrap_err().to_string();
-        assert!(err.contains("upstream") && err.contains("allow-plain-http"), "{err}");
+        assert!(
+            err.contains("upstream") && err.contains("allow-plain-http"),
+            "{err}"
+        );
         let s = Settings {
             upstream: Some("http://127.0.0.1:9000".into()),
             oidc_server: Some("http://localhost:9001/auth/realms/x".into()),
@@ -767,7 +896,10 @@ mod tests {
             ..base()
         };
         let err = Config::from_settings(s).unwrap_err().to_string();
-        assert!(err.contains("client_credentials") && err.contains("client_secret"), "{err}");
+        assert!(
+            err.contains("client_credentials") && err.contains("client_secret"),
+            "{err}"
+        );
         let s = Settings {
             auth_method: Some(AuthMethod::PasswordGrant),
             ..base()

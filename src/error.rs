@@ -13,7 +13,10 @@ pub const ERROR_HEADER: &str = "x-seldon-auth-proxy-error";
 #[derive(Debug)]
 pub enum ProxyError {
     /// No usable credential: never forward without one.
-    TokenUnavailable { message: String, retry_after: Duration },
+    TokenUnavailable {
+        message: String,
+        retry_after: Duration,
+    },
     UpstreamUnreachable(String),
     UpstreamTimeout(Duration),
     UpstreamTls(String),
@@ -44,7 +47,9 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::PathNotAllowed => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -80,11 +85,17 @@ impl ProxyError {
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.kind()));
         match self {
             ProxyError::TokenUnavailable { retry_after, .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1)));
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after.as_secs().max(1)),
+                );
             }
             ProxyError::MethodNotAllowed => {
                 headers.insert(

@@ -120,7 +120,9 @@ pub fn confine_path<'a>(uri: &'a Uri, prefixes: &[String]) -> Result<&'a str, Pr
     }
     let path = uri.path();
     if !path.starts_with('/') {
-        return Err(ProxyError::BadRequest("the request target must start with /".into()));
+        return Err(ProxyError::BadRequest(
+            "the request target must start with /".into(),
+        ));
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
     let last = segments.len() - 1;
@@ -128,26 +130,32 @@ pub fn confine_path<'a>(uri: &'a Uri, prefixes: &[String]) -> Result<&'a str, Pr
         let decoded = decode_segment(segment);
         let before_params = decoded.split(|b| *b == b';').next().unwrap_or_default();
         if before_params == b"." || before_params == b".." {
-            return Err(ProxyError::BadRequest("dot segments (. and ..) are refused in paths".into()));
+            return Err(ProxyError::BadRequest(
+                "dot segments (. and ..) are refused in paths".into(),
+            ));
         }
         if decoded.contains(&b'\\') || decoded.contains(&0) {
-            return Err(ProxyError::BadRequest("backslashes and NUL are refused in paths".into()));
+            return Err(ProxyError::BadRequest(
+                "backslashes and NUL are refused in paths".into(),
+            ));
         }
         if segment.is_empty() && i != last {
-            return Err(ProxyError::BadRequest("empty path segments (//) are refused".into()));
+            return Err(ProxyError::BadRequest(
+                "empty path segments (//) are refused".into(),
+            ));
         }
     }
     let under_prefix = prefixes.iter().any(|prefix| {
         let prefix = prefix.trim_end_matches('/');
-        path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+        path == prefix
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('/'))
     });
     if !under_prefix {
         return Err(ProxyError::PathNotAllowed);
     }
-    Ok(uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or(path))
+    Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
 }
 
 #[cfg(test)]
@@ -193,7 +201,10 @@ mod tests {
             ("//seldon-deploy/api/v1alpha1/x", "bad_request"),
             ("/seldon-deploy/api/v1alpha1/%5C..%5Cx", "bad_request"),
             ("/seldon-deploy/api/v1alpha1/a%00b", "bad_request"),
-            ("http://elsewhere/seldon-deploy/api/v1alpha1/x", "bad_request"),
+            (
+                "http://elsewhere/seldon-deploy/api/v1alpha1/x",
+                "bad_request",
+            ),
         ] {
             assert_eq!(confine(bad), Err(kind.to_owned()), "{bad}");
         }

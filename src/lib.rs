@@ -63,7 +63,10 @@ impl Running {
 }
 
 /// Builds the credential manager for a configuration (also used by `check` and `token`).
-pub fn credential_manager(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Arc<CredentialManager>> {
+pub fn credential_manager(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<CredentialManager>> {
     let idp = outbound::idp_client(&config.tls, config.auth.idp_timeout)?;
     let source = Source::from_config(&config.auth, idp)?;
     Ok(CredentialManager::new(source, metrics))
@@ -80,7 +83,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 anyhow::anyhow!("inbound_token_file: cannot read {}: {e}", path.display())
             })?;
             if token.expose().trim().len() < 16 {
-                anyhow::bail!("inbound_token_file: {} must hold a secret of at least 16 characters", path.display());
+                anyhow::bail!(
+                    "inbound_token_file: {} must hold a secret of at least 16 characters",
+                    path.display()
+                );
             }
             Some(crate::secret::Secret::new(token.expose().trim()))
         }
@@ -99,7 +105,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         upstream_timeout: config.limits.upstream_timeout,
         access_log: config.access_log,
     });
-    let connector = outbound::upstream_connector(&config.tls, config.limits.upstream_connect_timeout)?;
+    let connector =
+        outbound::upstream_connector(&config.tls, config.limits.upstream_connect_timeout)?;
     let (listeners, proxy_addr) = server::bind(&config.listen, config.workers)?;
     let admin_listener = server::bind_admin(config.admin_listen)?;
     let admin_addr = admin_listener.local_addr()?;
@@ -147,7 +154,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tokio::spawn(async move {
             stop.cancelled().await;
             admin_state.draining.store(true, Ordering::SeqCst);
-            tracing::info!(delay_ms = delay.as_millis() as u64, "shutting down: readiness is off; closing the listener after the delay");
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "shutting down: readiness is off; closing the listener after the delay"
+            );
             tokio::time::sleep(delay).await;
             stop_accepting.cancel();
             for done in workers_done {

@@ -9,7 +9,8 @@ use crate::config::LogFormat;
 /// A bare level (`debug`, `trace`) applies to this proxy; dependencies (HTTP and TLS
 /// libraries, which can print protocol details) stay at info unless the filter names them.
 pub fn filter(level: &str) -> EnvFilter {
-    let bare = ["error", "warn", "info", "debug", "trace", "off"].contains(&level.to_ascii_lowercase().as_str());
+    let bare = ["error", "warn", "info", "debug", "trace", "off"]
+        .contains(&level.to_ascii_lowercase().as_str());
     let directives = if bare {
         let dependencies = match level.to_ascii_lowercase().as_str() {
             "debug" | "trace" => "info".to_owned(),
@@ -32,7 +33,11 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
         .with_writer(writer)
         .with_target(false);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.with_ansi(false).init(),
     }
     guard

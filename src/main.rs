@@ -15,12 +15,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let format = settings.log_format.unwrap_or(seldon_auth_proxy::config::LogFormat::Text);
+    let format = settings
+        .log_format
+        .unwrap_or(seldon_auth_proxy::config::LogFormat::Text);
     let level = settings.log_level.clone().unwrap_or_else(|| "info".into());
     let _log_guard = logging::init(format, &level);
     raise_open_file_limit();
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("seldon-auth-proxy: cannot start the runtime: {e}");
@@ -53,10 +58,14 @@ fn main() -> ExitCode {
 
 /// 1000 clients need 2000 sockets: raise the soft open-file limit to the hard limit.
 fn raise_open_file_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

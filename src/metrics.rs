@@ -46,7 +46,10 @@ pub struct Metrics {
 }
 
 fn grant_index(grant: &str) -> usize {
-    GRANTS.iter().position(|g| *g == grant).unwrap_or(GRANTS.len() - 1)
+    GRANTS
+        .iter()
+        .position(|g| *g == grant)
+        .unwrap_or(GRANTS.len() - 1)
 }
 
 impl Metrics {
@@ -64,7 +67,11 @@ impl Metrics {
     }
 
     pub fn token_request(&self, grant: &str, ok: bool) {
-        let counters = if ok { &self.token_ok } else { &self.token_error };
+        let counters = if ok {
+            &self.token_ok
+        } else {
+            &self.token_error
+        };
         counters[grant_index(grant)].fetch_add(1, Relaxed);
     }
 
@@ -100,7 +107,10 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP seldon_auth_proxy_request_duration_seconds Time from receiving a request to sending its response head.");
-        let _ = writeln!(out, "# TYPE seldon_auth_proxy_request_duration_seconds histogram");
+        let _ = writeln!(
+            out,
+            "# TYPE seldon_auth_proxy_request_duration_seconds histogram"
+        );
         let mut cumulative = 0;
         for (i, bound) in BUCKETS.iter().enumerate() {
             cumulative += self.latency_buckets[i].load(Relaxed);
@@ -110,13 +120,19 @@ impl Metrics {
             );
         }
         let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(out, "seldon_auth_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "seldon_auth_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             out,
             "seldon_auth_proxy_request_duration_seconds_sum {}",
             self.latency_sum_micros.load(Relaxed) as f64 / 1e6
         );
-        let _ = writeln!(out, "seldon_auth_proxy_request_duration_seconds_count {count}");
+        let _ = writeln!(
+            out,
+            "seldon_auth_proxy_request_duration_seconds_count {count}"
+        );
         let _ = writeln!(out, "# HELP seldon_auth_proxy_token_requests_total Calls to the identity provider, by grant and outcome.");
         let _ = writeln!(out, "# TYPE seldon_auth_proxy_token_requests_total counter");
         for (i, grant) in GRANTS.iter().enumerate() {
@@ -137,15 +153,28 @@ impl Metrics {
                 self.proxy_errors[i].load(Relaxed)
             );
         }
-        let _ = writeln!(out, "# HELP seldon_auth_proxy_upstream_unauthorized_total Upstream 401 answers seen.");
-        let _ = writeln!(out, "# TYPE seldon_auth_proxy_upstream_unauthorized_total counter");
-        let _ = writeln!(out, "seldon_auth_proxy_upstream_unauthorized_total {}", self.upstream_401.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP seldon_auth_proxy_upstream_unauthorized_total Upstream 401 answers seen."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE seldon_auth_proxy_upstream_unauthorized_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "seldon_auth_proxy_upstream_unauthorized_total {}",
+            self.upstream_401.load(Relaxed)
+        );
         let _ = writeln!(out, "# HELP seldon_auth_proxy_token_expiry_seconds Seconds until the current credential expires (negative when expired, absent before the first).");
         let _ = writeln!(out, "# TYPE seldon_auth_proxy_token_expiry_seconds gauge");
         if let Some(secs) = token_expiry {
             let _ = writeln!(out, "seldon_auth_proxy_token_expiry_seconds {secs:.3}");
         }
-        let _ = writeln!(out, "# HELP seldon_auth_proxy_ready 1 while a usable credential is held.");
+        let _ = writeln!(
+            out,
+            "# HELP seldon_auth_proxy_ready 1 while a usable credential is held."
+        );
         let _ = writeln!(out, "# TYPE seldon_auth_proxy_ready gauge");
         let _ = writeln!(out, "seldon_auth_proxy_ready {}", u8::from(ready));
         out

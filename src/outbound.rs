@@ -62,7 +62,8 @@ pub fn describe(error: &reqwest::Error) -> String {
 pub fn upstream_connector(
     tls: &TlsConfig,
     connect_timeout: Duration,
-) -> anyhow::Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>> {
+) -> anyhow::Result<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>>
+{
     let config = upstream_tls_config(tls)?;
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
@@ -104,16 +105,20 @@ fn upstream_tls_config(tls: &TlsConfig) -> anyhow::Result<rustls::ClientConfig> 
     };
     let config = match (&tls.client_cert, &tls.client_key) {
         (Some(cert_path), Some(key_path)) => {
-            let cert_pem = std::fs::read(cert_path)
-                .map_err(|e| anyhow::anyhow!("client_cert: cannot read {}: {e}", cert_path.display()))?;
+            let cert_pem = std::fs::read(cert_path).map_err(|e| {
+                anyhow::anyhow!("client_cert: cannot read {}: {e}", cert_path.display())
+            })?;
             let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!("client_cert: {}: {e}", cert_path.display()))?;
-            let key_pem = std::fs::read(key_path)
-                .map_err(|e| anyhow::anyhow!("client_key: cannot read {}: {e}", key_path.display()))?;
+            let key_pem = std::fs::read(key_path).map_err(|e| {
+                anyhow::anyhow!("client_key: cannot read {}: {e}", key_path.display())
+            })?;
             let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
                 .map_err(|e| anyhow::anyhow!("client_key: {}: {e}", key_path.display()))?
-                .ok_or_else(|| anyhow::anyhow!("client_key: {} holds no private key", key_path.display()))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("client_key: {} holds no private key", key_path.display())
+                })?;
             builder.with_client_auth_cert(certs, key)?
         }
         _ => builder.with_no_client_auth(),
@@ -150,7 +155,12 @@ mod insecure {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn verify_tls13_signature(
@@ -159,7 +169,12 @@ mod insecure {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
 
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -136,7 +136,11 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Forwarder {
-    pub fn new(shared: Arc<Shared>, connector: HttpsConnector<HttpConnector>, max_idle: usize) -> Forwarder {
+    pub fn new(
+        shared: Arc<Shared>,
+        connector: HttpsConnector<HttpConnector>,
+        max_idle: usize,
+    ) -> Forwarder {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(UPSTREAM_IDLE)
             .pool_max_idle_per_host(max_idle)
@@ -172,7 +176,9 @@ impl Forwarder {
                 (error.to_response().map(Either::Right), None)
             }
         };
-        response.headers_mut().insert(REQUEST_ID, request_id.clone());
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, request_id.clone());
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
         self.shared.metrics.request(status, elapsed);
@@ -201,14 +207,15 @@ impl Forwarder {
             .guard
             .admit(&parts.method, &parts.uri, &parts.headers)?;
         parts.uri = shared.upstream.uri(target)?;
-        let credential = shared
-            .manager
-            .current()
-            .await
-            .map_err(|u| ProxyError::TokenUnavailable {
-                message: u.message,
-                retry_after: u.retry_after,
-            })?;
+        let credential =
+            shared
+                .manager
+                .current()
+                .await
+                .map_err(|u| ProxyError::TokenUnavailable {
+                    message: u.message,
+                    retry_after: u.retry_after,
+                })?;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
         headers.remove(header::AUTHORIZATION);
@@ -218,10 +225,15 @@ impl Forwarder {
         parts.version = http::Version::HTTP_11;
         let (body, copy) = ForwardBody::from_incoming(body);
         // Kept for a replay after a 401: the head without its credential.
-        let replay_head = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
-        parts
-            .headers
-            .insert(credential.header_name.clone(), credential.header_value.clone());
+        let replay_head = (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+        );
+        parts.headers.insert(
+            credential.header_name.clone(),
+            credential.header_value.clone(),
+        );
 
         let sent = Instant::now();
         let mut response = self.send(Request::from_parts(parts, body)).await?;
@@ -295,14 +307,25 @@ fn classify_upstream_error(error: hyper_util::client::legacy::Error) -> ProxyErr
         source = cause.source();
     }
     let lower = causes.to_ascii_lowercase();
-    if lower.contains("certificate") || lower.contains("invalidcertificate") || lower.contains("unknownissuer") {
+    if lower.contains("certificate")
+        || lower.contains("invalidcertificate")
+        || lower.contains("unknownissuer")
+    {
         ProxyError::UpstreamTls(format!(
             "the upstream's certificate was not trusted ({causes}); set ca_file to its CA bundle"
         ))
     } else if error.is_connect() {
-        ProxyError::UpstreamUnreachable(if causes.is_empty() { "connection failed".into() } else { causes })
+        ProxyError::UpstreamUnreachable(if causes.is_empty() {
+            "connection failed".into()
+        } else {
+            causes
+        })
     } else {
-        ProxyError::UpstreamUnreachable(if causes.is_empty() { error.to_string() } else { causes })
+        ProxyError::UpstreamUnreachable(if causes.is_empty() {
+            error.to_string()
+        } else {
+            causes
+        })
     }
 }
 
@@ -327,11 +350,17 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-private"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::CONTENT_TYPE));
@@ -341,7 +370,10 @@ mod tests {
     fn upstream_uri_keeps_the_raw_path_and_query() {
         let up = Upstream::new(&Url::parse("http://127.0.0.1:9000/base/").unwrap()).unwrap();
         let uri = up.uri("/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2").unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:9000/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2");
+        assert_eq!(
+            uri.to_string(),
+            "http://127.0.0.1:9000/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2"
+        );
         assert_eq!(up.host, "127.0.0.1:9000");
     }
 }

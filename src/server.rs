@@ -88,7 +88,8 @@ fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
     let previous = unsafe { libc::umask(0o177) };
     let bound = std::os::unix::net::UnixListener::bind(path);
     unsafe { libc::umask(previous) };
-    let listener = bound.map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", path.display()))?;
+    let listener =
+        bound.map_err(|e| anyhow::anyhow!("listen: cannot bind {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
@@ -111,23 +112,30 @@ pub fn spawn_workers(
     stop_accepting: Shutdown,
 ) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
     let mut done = Vec::new();
-    let mut start = |index: usize, listener: WorkerListener, max_connections: usize| -> anyhow::Result<()> {
-        let forwarder = make_forwarder();
-        let settings = WorkerSettings { max_connections, ..settings.clone() };
-        let stop = stop_accepting.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(format!("proxy-worker-{index}"))
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
-                    Err(e) => tracing::error!("worker {index} could not start: {e}"),
-                }
-                let _ = tx.send(());
-            })?;
-        done.push(rx);
-        Ok(())
-    };
+    let mut start =
+        |index: usize, listener: WorkerListener, max_connections: usize| -> anyhow::Result<()> {
+            let forwarder = make_forwarder();
+            let settings = WorkerSettings {
+                max_connections,
+                ..settings.clone()
+            };
+            let stop = stop_accepting.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("proxy-worker-{index}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
+                        Err(e) => tracing::error!("worker {index} could not start: {e}"),
+                    }
+                    let _ = tx.send(());
+                })?;
+            done.push(rx);
+            Ok(())
+        };
     match listeners {
         BoundListeners::Tcp(sockets) => {
             let per_worker = settings.max_connections.div_ceil(sockets.len()).max(1);
@@ -135,7 +143,9 @@ pub fn spawn_workers(
                 start(i, WorkerListener::Tcp(socket), per_worker)?;
             }
         }
-        BoundListeners::Unix(socket) => start(0, WorkerListener::Unix(socket), settings.max_connections)?,
+        BoundListeners::Unix(socket) => {
+            start(0, WorkerListener::Unix(socket), settings.max_connections)?
+        }
     }
     Ok(done)
 }
@@ -167,7 +177,12 @@ impl Acceptor for tokio::net::UnixListener {
     }
 }
 
-async fn serve(listener: WorkerListener, forwarder: Forwarder, settings: WorkerSettings, stop: Shutdown) {
+async fn serve(
+    listener: WorkerListener,
+    forwarder: Forwarder,
+    settings: WorkerSettings,
+    stop: Shutdown,
+) {
     let result = match listener {
         WorkerListener::Tcp(socket) => match tokio::net::TcpListener::from_std(socket) {
             Ok(listener) => accept_loop(listener, &forwarder, &settings, &stop).await,
@@ -193,7 +208,14 @@ async fn accept_loop<A: Acceptor>(
     let permits = Arc::new(Semaphore::new(settings.max_connections));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(settings.limits.header_read_timeout)
+        // hyper starts this clock whenever a connection waits for a request head, so it cuts
+        // slowloris heads and idle keep-alive connections alike: the shorter setting wins.
+        .header_read_timeout(
+            settings
+                .limits
+                .header_read_timeout
+                .min(settings.limits.idle_timeout),
+        )
         .max_buf_size(settings.limits.max_header_bytes)
         .keep_alive(true);
     loop {

@@ -71,7 +71,10 @@ pub fn lifetime(token: &str, expires_in: Option<u64>) -> (Duration, Option<Strin
             Some(s) if s > 0 => (Duration::from_secs(s), None),
             _ => (
                 Duration::from_secs(300),
-                Some("the token is not a JWT and the response gave no expires_in; assuming 300s".into()),
+                Some(
+                    "the token is not a JWT and the response gave no expires_in; assuming 300s"
+                        .into(),
+                ),
             ),
         },
     }
@@ -148,7 +151,10 @@ mod tests {
             let to_refresh = s.refresh_at - (s.expires_at - Duration::from_secs(secs));
             assert!(to_refresh >= Duration::from_secs(secs) / 2, "{secs}s");
             if secs >= 300 {
-                assert!(s.expires_at - s.refresh_at >= Duration::from_secs(60), "{secs}s");
+                assert!(
+                    s.expires_at - s.refresh_at >= Duration::from_secs(60),
+                    "{secs}s"
+                );
             }
         }
     }

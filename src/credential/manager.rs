@@ -17,7 +17,6 @@ use super::source::Source;
 use super::{Credential, FailureClass, FetchError};
 use crate::metrics::Metrics;
 
-
 /// Transient failures are retried after 1 s, 2 s, 4 s ... up to this.
 const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(10);
 /// Configuration failures (a refused client or user) are retried this often at most,
@@ -158,7 +157,8 @@ impl CredentialManager {
         let attempts = failure.as_ref().map(|f| f.attempts + 1).unwrap_or(1);
         let delay = match error.class {
             FailureClass::Transient => {
-                let base = Duration::from_secs(1u64 << (attempts - 1).min(4)).min(MAX_TRANSIENT_BACKOFF);
+                let base =
+                    Duration::from_secs(1u64 << (attempts - 1).min(4)).min(MAX_TRANSIENT_BACKOFF);
                 base.mul_f64(rand::thread_rng().gen_range(0.8..=1.0))
             }
             FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
@@ -250,7 +250,8 @@ impl CredentialManager {
                         })))
                     }
                     Err(error) => {
-                        self.metrics.token_request(self.source.primary_grant(), false);
+                        self.metrics
+                            .token_request(self.source.primary_grant(), false);
                         self.record_failure(&error);
                         let retry_at = self
                             .lock_failure()
@@ -316,7 +317,8 @@ impl CredentialManager {
             let held = self.held().await;
             // A changed secret file means the old failure may be fixed: try at once.
             if files_changed {
-                let retry_now = self.lock_failure().is_some() || self.source.replace_on_file_change();
+                let retry_now =
+                    self.lock_failure().is_some() || self.source.replace_on_file_change();
                 if !retry_now {
                     continue;
                 }

@@ -94,8 +94,9 @@ impl FetchError {
 
 /// A bearer header value, marked sensitive.
 pub fn bearer(token: &str) -> Result<HeaderValue, FetchError> {
-    let mut value = HeaderValue::try_from(format!("Bearer {token}"))
-        .map_err(|_| FetchError::transient("the token contains characters not allowed in a header"))?;
+    let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
+        FetchError::transient("the token contains characters not allowed in a header")
+    })?;
     value.set_sensitive(true);
     Ok(value)
 }

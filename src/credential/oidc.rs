@@ -176,7 +176,27 @@ impl OidcClient {
     }
 
     /// Posts one grant and turns the answer into a credential.
-    pub async fn grant(&self, grant: &'static str, mut form: Form) -> Result<Acquired, FetchError> {
+    pub async fn grant(&self, grant: &'static str, form: Form) -> Result<Acquired, FetchError> {
+        Ok(self.grant_with_id_token(grant, form).await?.0)
+    }
+
+    /// Posts one grant and returns the credential with the answer's id_token, whatever
+    /// token_field says (`login` checks the id_token's nonce).
+    pub async fn grant_with_id_token(
+        &self,
+        grant: &'static str,
+        form: Form,
+    ) -> Result<(Acquired, Option<Secret>), FetchError> {
+        let answer = self.post_grant(form).await?;
+        let id_token = answer
+            .id_token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .map(Secret::new);
+        Ok((self.acquired(grant, answer)?, id_token))
+    }
+
+    async fn post_grant(&self, mut form: Form) -> Result<TokenAnswer, FetchError> {
         let endpoint = self.token_endpoint().await?;
         let mut request = self.http.post(endpoint.clone());
         match &self.client_secret {
@@ -184,16 +204,23 @@ impl OidcClient {
                 let secret = source.read().map_err(|e| {
                     FetchError::configuration(format!(
                         "cannot read client_secret_file {}: {e}",
-                        source.file().map(|p| p.display().to_string()).unwrap_or_default()
+                        source
+                            .file()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
                     ))
                 })?;
-                let encode = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let encode = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
                 let pair = format!("{}:{}", encode(&self.client_id), encode(secret.expose()));
                 let mut value = http::HeaderValue::try_from(format!(
                     "Basic {}",
                     base64::engine::general_purpose::STANDARD.encode(pair)
                 ))
-                .map_err(|_| FetchError::configuration("client credentials are not valid in a header"))?;
+                .map_err(|_| {
+                    FetchError::configuration("client credentials are not valid in a header")
+                })?;
                 value.set_sensitive(true);
                 request = request.header(AUTHORIZATION, value);
             }
@@ -209,12 +236,11 @@ impl OidcClient {
         if !status.is_success() {
             return Err(refusal(&endpoint, status, &body));
         }
-        let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|_| {
+        serde_json::from_slice(&body).map_err(|_| {
             FetchError::transient(format!(
                 "token request to {endpoint}: the answer is not a token response (HTTP {status})"
             ))
-        })?;
-        self.acquired(grant, answer)
+        })
     }
 
     fn acquired(&self, grant: &'static str, answer: TokenAnswer) -> Result<Acquired, FetchError> {
@@ -223,7 +249,11 @@ impl OidcClient {
             TokenField::AccessToken => answer.access_token,
         }
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| FetchError::configuration("the token response holds no token of the configured token_field"))?;
+        .ok_or_else(|| {
+            FetchError::configuration(
+                "the token response holds no token of the configured token_field",
+            )
+        })?;
         let expires_in = answer.expires_in.and_then(|v| match v {
             serde_json::Value::Number(n) => n.as_u64(),
             serde_json::Value::String(s) => s.parse().ok(),
@@ -234,7 +264,10 @@ impl OidcClient {
             header_name: AUTHORIZATION,
             header_value: bearer(&token)?,
             schedule: Schedule::new(life),
-            refresh_token: answer.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+            refresh_token: answer
+                .refresh_token
+                .filter(|t| !t.is_empty())
+                .map(Secret::new),
             grant,
             token: Some(Secret::new(token)),
             warning,
@@ -289,7 +322,12 @@ mod tests {
             http::StatusCode::UNAUTHORIZED,
             br#"{"error":"invalid_grant","error_description":"Invalid user credentials"}"#,
         );
-        assert!(e.message.contains("invalid_grant: Invalid user credentials"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("invalid_grant: Invalid user credentials"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.class, FailureClass::Configuration);
         assert_eq!(e.oauth_error.as_deref(), Some("invalid_grant"));
         let e = refusal(&url, http::StatusCode::BAD_GATEWAY, b"<html>");

@@ -38,7 +38,10 @@ impl Source {
                     .ok_or_else(|| anyhow::anyhow!("static needs static_token_file"))?,
             }),
             AuthMethod::AuthCode | AuthMethod::Session => {
-                anyhow::bail!("auth_method {:?} is not available in this build yet", auth.method)
+                anyhow::bail!(
+                    "auth_method {:?} is not available in this build yet",
+                    auth.method
+                )
             }
         })
     }
@@ -65,9 +68,12 @@ impl Source {
 
     /// Files whose change should trigger an immediate retry (rotated Kubernetes secrets).
     pub fn watched_files(&self) -> Vec<PathBuf> {
-        let secret_file = |s: &Option<SecretSource>| s.as_ref().and_then(|s| s.file()).map(PathBuf::from);
+        let secret_file =
+            |s: &Option<SecretSource>| s.as_ref().and_then(|s| s.file()).map(PathBuf::from);
         match self {
-            Source::ClientCredentials(oidc) => secret_file(&oidc.client_secret).into_iter().collect(),
+            Source::ClientCredentials(oidc) => {
+                secret_file(&oidc.client_secret).into_iter().collect()
+            }
             Source::Password { oidc, password, .. } => secret_file(&oidc.client_secret)
                 .into_iter()
                 .chain(password.file().map(PathBuf::from))
@@ -90,7 +96,10 @@ impl Source {
             Source::Static(s) => return s.acquire(),
         };
         if let Some(refresh_token) = previous.and_then(|c| c.refresh_token.as_ref()) {
-            match oidc.grant("refresh_token", oidc.refresh_form(refresh_token)).await {
+            match oidc
+                .grant("refresh_token", oidc.refresh_form(refresh_token))
+                .await
+            {
                 Ok(acquired) => return Ok(acquired),
                 Err(e) if e.oauth_error.is_some() => {
                     tracing::info!(error = %e, "refresh token refused; falling back to the full grant");
@@ -100,7 +109,8 @@ impl Source {
         }
         match self {
             Source::ClientCredentials(oidc) => {
-                oidc.grant("client_credentials", oidc.client_credentials_form()).await
+                oidc.grant("client_credentials", oidc.client_credentials_form())
+                    .await
             }
             Source::Password {
                 oidc,
@@ -110,7 +120,8 @@ impl Source {
                 let password = password.read().map_err(|e| {
                     FetchError::configuration(format!("cannot read password_file: {e}"))
                 })?;
-                oidc.grant("password", oidc.password_form(username, &password)).await
+                oidc.grant("password", oidc.password_form(username, &password))
+                    .await
             }
             Source::Static(s) => s.acquire(),
         }

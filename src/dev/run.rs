@@ -9,10 +9,15 @@ use std::time::{Duration, Instant};
 use crate::config::{AuthMethod, Config, DevArgs, ListenAddr, Settings};
 use crate::dev::{idp, platform};
 
-async fn loopback_listener(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+async fn loopback_listener(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     if !addr.ip().is_loopback() {
-        anyhow::bail!("{what}: {addr} is not a loopback address; the dev servers only listen on loopback");
+        anyhow::bail!(
+            "{what}: {addr} is not a loopback address; the dev servers only listen on loopback"
+        );
     }
     tokio::net::TcpListener::bind(addr)
         .await
@@ -32,15 +37,24 @@ pub async fn run(args: DevArgs, settings: Settings) -> ExitCode {
 
 async fn run_inner(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
-    let method = settings.auth_method.unwrap_or(AuthMethod::ClientCredentials);
-    if !matches!(method, AuthMethod::ClientCredentials | AuthMethod::PasswordGrant) {
+    let method = settings
+        .auth_method
+        .unwrap_or(AuthMethod::ClientCredentials);
+    if !matches!(
+        method,
+        AuthMethod::ClientCredentials | AuthMethod::PasswordGrant
+    ) {
         anyhow::bail!("auth_method: dev supports client_credentials and password_grant");
     }
     let options = idp::DevIdpOptions {
         token_lifetime: args.token_lifetime,
         ..idp::DevIdpOptions::default()
     };
-    let idp = idp::start(loopback_listener(args.idp_listen, "idp_listen").await?, options).await?;
+    let idp = idp::start(
+        loopback_listener(args.idp_listen, "idp_listen").await?,
+        options,
+    )
+    .await?;
     let platform = platform::start(
         loopback_listener(args.platform_listen, "platform_listen").await?,
         platform::PlatformOptions {
@@ -85,7 +99,17 @@ async fn run_inner(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let ready_ms = started.elapsed().as_millis();
-    println!("{}", banner(&running, &idp, &platform, method, args.token_lifetime, ready_ms));
+    println!(
+        "{}",
+        banner(
+            &running,
+            &idp,
+            &platform,
+            method,
+            args.token_lifetime,
+            ready_ms
+        )
+    );
     crate::cli::wait_for_signal().await;
     running.shutdown();
     running.wait().await;
