@@ -11,6 +11,7 @@ pub mod dev;
 pub mod error;
 pub mod guard;
 pub mod logging;
+pub mod login;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
@@ -68,7 +69,7 @@ pub fn credential_manager(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<CredentialManager>> {
     let idp = outbound::idp_client(&config.tls, config.auth.idp_timeout)?;
-    let source = Source::from_config(&config.auth, idp)?;
+    let source = Source::from_config(config, idp)?;
     Ok(CredentialManager::new(source, metrics))
 }
 
@@ -105,8 +106,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         upstream_timeout: config.limits.upstream_timeout,
         access_log: config.access_log,
     });
-    let connector =
-        outbound::upstream_connector(&config.tls, config.limits.upstream_connect_timeout)?;
+    let connector = outbound::upstream_connector(
+        &config.tls,
+        config.limits.upstream_connect_timeout,
+        &config.upstream,
+    )?;
     let (listeners, proxy_addr) = server::bind(&config.listen, config.workers)?;
     let admin_listener = server::bind_admin(config.admin_listen)?;
     let admin_addr = admin_listener.local_addr()?;

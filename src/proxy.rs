@@ -11,7 +11,6 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
@@ -22,10 +21,11 @@ use crate::credential::CredentialManager;
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
+use crate::outbound::UpstreamTcp;
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, ForwardBody>;
+type UpstreamClient = Client<HttpsConnector<UpstreamTcp>, ForwardBody>;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -138,7 +138,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 impl Forwarder {
     pub fn new(
         shared: Arc<Shared>,
-        connector: HttpsConnector<HttpConnector>,
+        connector: HttpsConnector<UpstreamTcp>,
         max_idle: usize,
     ) -> Forwarder {
         let client = Client::builder(TokioExecutor::new())
