@@ -125,7 +125,7 @@ pub async fn check_or_token(command: Command, config: Config) -> ExitCode {
             Some(token) => writeln!(out, "{}", token.expose()),
             None => {
                 eprintln!(
-                    "seldon-auth-proxy: the {:?} method yields a cookie, not a bearer token",
+                    "seldon-auth-proxy: the {} method yields a session cookie, not a bearer token; call the platform through the proxy instead",
                     config.auth.method
                 );
                 return ExitCode::from(EXIT_NO_CREDENTIAL);
@@ -152,7 +152,7 @@ fn summary(config: &Config, credential: &crate::credential::Credential) -> Strin
         .and_then(|t| public_claims(t.expose()))
         .unwrap_or_default();
     format!(
-        "ok: obtained a credential\n  upstream:     {}\n  auth_method:  {:?}\n  grant:        {}\n  header:       {} (value redacted)\n  expires_in:   {}s\n  refreshable:  {}{claims}",
+        "ok: obtained a credential\n  upstream:     {}\n  auth_method:  {}\n  grant:        {}\n  header:       {} (value redacted)\n  expires_in:   {}s\n  refreshable:  {}{claims}",
         config.upstream,
         config.auth.method,
         credential.grant,

@@ -68,6 +68,18 @@ pub enum AuthMethod {
     Static,
 }
 
+impl std::fmt::Display for AuthMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMethod::ClientCredentials => "client_credentials",
+            AuthMethod::PasswordGrant => "password_grant",
+            AuthMethod::AuthCode => "auth_code",
+            AuthMethod::Session => "session",
+            AuthMethod::Static => "static",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[value(rename_all = "snake_case")]

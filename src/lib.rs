@@ -177,7 +177,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         proxy = %describe_listen(&proxy_addr),
         admin = %admin_addr,
         upstream = %config.upstream,
-        auth_method = ?config.auth.method,
+        auth_method = %config.auth.method,
         workers = config.workers,
         "seldon-auth-proxy listening"
     );

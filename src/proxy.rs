@@ -191,6 +191,7 @@ impl Forwarder {
                 upstream_ms = upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
                 total_ms = elapsed.as_secs_f64() * 1e3,
                 request_id = request_id.to_str().unwrap_or_default(),
+                "request"
             );
         }
         response
