@@ -105,6 +105,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         upstream: Upstream::new(&config.upstream)?,
         upstream_timeout: config.limits.upstream_timeout,
         access_log: config.access_log,
+        session_cookie: (config.auth.method == config::AuthMethod::Session)
+            .then(|| config.auth.session_cookie_name.clone()),
     });
     let connector = outbound::upstream_connector(
         &config.tls,

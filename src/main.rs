@@ -47,10 +47,7 @@ fn main() -> ExitCode {
         match command {
             Command::Serve => cli::serve(config).await,
             Command::Check | Command::Token => cli::check_or_token(command, config).await,
-            Command::Login => {
-                eprintln!("seldon-auth-proxy: login is not available in this build yet");
-                ExitCode::from(EXIT_CONFIG)
-            }
+            Command::Login => seldon_auth_proxy::login::run(config).await,
             Command::Dev(_) => unreachable!("handled above"),
         }
     })

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::body::ForwardBody;
-use crate::credential::CredentialManager;
+use crate::credential::{session, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
@@ -34,6 +34,7 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
 
 /// The upstream as requests are rewritten to it.
 pub struct Upstream {
+    url: Url,
     /// `scheme://authority`, e.g. `https://ml.example.com`.
     origin: String,
     /// The base path of the upstream URL without its trailing slash (usually empty).
@@ -50,6 +51,7 @@ impl Upstream {
             .map(|(_, a)| a.to_owned())
             .unwrap_or_default();
         Ok(Upstream {
+            url: url.clone(),
             base_path: url.path().trim_end_matches('/').to_owned(),
             host: HeaderValue::try_from(authority)?,
             origin,
@@ -88,6 +90,8 @@ pub struct Shared {
     pub upstream: Upstream,
     pub upstream_timeout: Duration,
     pub access_log: bool,
+    /// The session cookie's name when the credential is a platform session (Dex).
+    pub session_cookie: Option<String>,
 }
 
 /// One worker's forwarder, with its own upstream connection pool.
@@ -238,7 +242,7 @@ impl Forwarder {
 
         let sent = Instant::now();
         let mut response = self.send(Request::from_parts(parts, body)).await?;
-        if response.status() == StatusCode::UNAUTHORIZED {
+        if self.refused(&response) {
             shared.metrics.upstream_unauthorized();
             let replay_body = match &copy {
                 None => Some(Bytes::new()),
@@ -262,7 +266,7 @@ impl Forwarder {
                         *replay.uri_mut() = uri;
                         *replay.headers_mut() = headers;
                         response = self.send(replay).await?;
-                        if response.status() == StatusCode::UNAUTHORIZED {
+                        if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
                     }
@@ -273,17 +277,43 @@ impl Forwarder {
                     tokio::spawn(async move { manager.invalidate(generation).await });
                 }
             }
+            // A session's login redirect is never passed back: the caller cannot follow it.
+            if response.status().is_redirection() && self.refused(&response) {
+                return Err(ProxyError::TokenUnavailable {
+                    message: "the platform session expired and was being renewed; retry the request".into(),
+                    retry_after: Duration::from_secs(1),
+                });
+            }
         }
         let upstream_elapsed = sent.elapsed();
 
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(cookie) = &shared.session_cookie {
+            session::strip_session_set_cookie(&mut parts.headers, cookie);
+        }
         if let Some(location) = parts.headers.get(header::LOCATION) {
             if let Some(rewritten) = shared.upstream.rewrite_location(location) {
                 parts.headers.insert(header::LOCATION, rewritten);
             }
         }
         Ok((Response::from_parts(parts, body), upstream_elapsed))
+    }
+
+    /// Whether the upstream refused the credential: a 401, or for a platform session a
+    /// redirect into the login flow.
+    fn refused(&self, response: &Response<Incoming>) -> bool {
+        let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            return true;
+        }
+        self.shared.session_cookie.is_some()
+            && status.is_redirection()
+            && response
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .is_some_and(|l| session::is_login_redirect(l, &self.shared.upstream.url))
     }
 
     /// Sends one request upstream, bounded by the response-head timeout.

@@ -56,7 +56,10 @@ pub struct AuthorizationParams<'a> {
 }
 
 /// Builds an authorization-code request with PKCE (S256), a random `state` and `nonce`.
-pub fn authorization_request(endpoint: &Url, params: &AuthorizationParams<'_>) -> AuthorizationRequest {
+pub fn authorization_request(
+    endpoint: &Url,
+    params: &AuthorizationParams<'_>,
+) -> AuthorizationRequest {
     // 32 bytes give a 43-character verifier, the shortest RFC 7636 allows.
     let verifier = random_string(32);
     let state = random_string(24);
@@ -109,7 +112,11 @@ pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
 
 /// Checks an id_token answers this login: its `nonce` is ours and its audience holds our
 /// client. The message never quotes the token.
-pub fn check_id_token(id_token: &str, nonce: &str, client_id: &str) -> Result<serde_json::Value, String> {
+pub fn check_id_token(
+    id_token: &str,
+    nonce: &str,
+    client_id: &str,
+) -> Result<serde_json::Value, String> {
     let claims = jwt_claims(id_token).ok_or("the id_token is not a JWT")?;
     match claims.get("nonce").and_then(|n| n.as_str()) {
         Some(got) if bool::from(subtle::ConstantTimeEq::ct_eq(got.as_bytes(), nonce.as_bytes())) => {}
@@ -122,7 +129,9 @@ pub fn check_id_token(id_token: &str, nonce: &str, client_id: &str) -> Result<se
         _ => false,
     };
     if !audience_ok {
-        return Err(format!("the id_token is not addressed to client `{client_id}` (aud)"));
+        return Err(format!(
+            "the id_token is not addressed to client `{client_id}` (aud)"
+        ));
     }
     Ok(claims)
 }
@@ -281,7 +290,9 @@ impl AuthCode {
                             oauth_error: e.oauth_error,
                         });
                     }
-                    tracing::info!("the refresh token was refused; trying the newer one in the token file");
+                    tracing::info!(
+                        "the refresh token was refused; trying the newer one in the token file"
+                    );
                 }
                 Err(e) => return Err(e),
             }
@@ -304,8 +315,8 @@ mod tests {
     #[test]
     fn pkce_matches_the_rfc_7636_example() {
         assert_eq!(
-            code_challenge("dBjftJeZ4CVP-1mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
-            "E9Melhoa2OwvFr8fSmKwcHS1rqH8kXgrtVkSpVlKapIU"
+            code_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
     }
 
@@ -322,22 +333,29 @@ mod tests {
                 resource: None,
             },
         );
-        let query: std::collections::HashMap<_, _> = request.url.query_pairs().into_owned().collect();
+        let query: std::collections::HashMap<_, _> =
+            request.url.query_pairs().into_owned().collect();
         assert_eq!(query["kc_idp_hint"], "x");
         assert_eq!(query["response_type"], "code");
         assert_eq!(query["code_challenge_method"], "S256");
-        assert_eq!(query["code_challenge"], code_challenge(request.verifier.expose()));
+        assert_eq!(
+            query["code_challenge"],
+            code_challenge(request.verifier.expose())
+        );
         assert_eq!(query["state"], request.state);
         assert_eq!(query["nonce"], request.nonce);
         assert_eq!(request.verifier.expose().len(), 43);
         assert!(!request.url.as_str().contains(request.verifier.expose()));
-        let other = authorization_request(&endpoint, &AuthorizationParams {
-            client_id: "cli",
-            redirect_uri: "x",
-            scope: "openid",
-            audience: None,
-            resource: None,
-        });
+        let other = authorization_request(
+            &endpoint,
+            &AuthorizationParams {
+                client_id: "cli",
+                redirect_uri: "x",
+                scope: "openid",
+                audience: None,
+                resource: None,
+            },
+        );
         assert_ne!(other.state, request.state);
         assert_ne!(other.nonce, request.nonce);
     }
@@ -345,9 +363,15 @@ mod tests {
     #[test]
     fn default_redirect_uri_is_the_platform_callback() {
         let up = Url::parse("https://ml.example.com").unwrap();
-        assert_eq!(default_redirect_uri(&up), "https://ml.example.com/seldon-deploy/auth/callback");
+        assert_eq!(
+            default_redirect_uri(&up),
+            "https://ml.example.com/seldon-deploy/auth/callback"
+        );
         let up = Url::parse("https://ml.example.com/base/").unwrap();
-        assert_eq!(default_redirect_uri(&up), "https://ml.example.com/base/seldon-deploy/auth/callback");
+        assert_eq!(
+            default_redirect_uri(&up),
+            "https://ml.example.com/base/seldon-deploy/auth/callback"
+        );
     }
 
     #[test]
@@ -357,9 +381,13 @@ mod tests {
         let err = check_id_token(&good, "n2", "cli").unwrap_err();
         assert!(err.contains("nonce"), "{err}");
         let none = jwt(serde_json::json!({"aud": ["cli", "x"]}));
-        assert!(check_id_token(&none, "n1", "cli").unwrap_err().contains("no nonce"));
+        assert!(check_id_token(&none, "n1", "cli")
+            .unwrap_err()
+            .contains("no nonce"));
         let wrong_aud = jwt(serde_json::json!({"nonce": "n1", "aud": ["x"]}));
-        assert!(check_id_token(&wrong_aud, "n1", "cli").unwrap_err().contains("aud"));
+        assert!(check_id_token(&wrong_aud, "n1", "cli")
+            .unwrap_err()
+            .contains("aud"));
         assert!(check_id_token("opaque", "n1", "cli").is_err());
     }
 }

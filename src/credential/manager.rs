@@ -170,10 +170,16 @@ impl CredentialManager {
                 "could not obtain a credential: {}",
                 error.message
             ),
-            _ => tracing::error!(
+            FailureClass::Configuration => tracing::error!(
                 attempt = attempts,
                 retry_in_s = delay.as_secs(),
                 "could not obtain a credential, check the configuration: {}",
+                error.message
+            ),
+            FailureClass::NeedsLogin => tracing::error!(
+                attempt = attempts,
+                retry_in_s = delay.as_secs(),
+                "could not obtain a credential, a person must log in again: {}",
                 error.message
             ),
         }

@@ -1,11 +1,14 @@
 //! The token lifecycle: credentials, how each method obtains one, and the cache that keeps
 //! the current one fresh.
 
+pub mod auth_code;
 pub mod lifetime;
 pub mod manager;
 pub mod oidc;
+pub mod session;
 pub mod source;
 pub mod static_file;
+pub mod token_file;
 
 use http::{HeaderName, HeaderValue};
 use tokio::time::Instant;

@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 
+use super::auth_code::AuthCode;
 use super::oidc::OidcClient;
+use super::session::Session;
 use super::static_file::StaticFile;
 use super::{Acquired, Credential, FetchError};
-use crate::config::{AuthConfig, AuthMethod};
+use crate::config::{AuthMethod, Config};
 use crate::secret::SecretSource;
 
 pub enum Source {
@@ -16,11 +18,16 @@ pub enum Source {
         username: String,
         password: SecretSource,
     },
+    /// The tokens `login` stored, refreshed with the refresh-token grant.
+    AuthCode(AuthCode),
+    /// A Dex login through the platform's front door; the credential is a cookie.
+    Session(Session),
     Static(StaticFile),
 }
 
 impl Source {
-    pub fn from_config(auth: &AuthConfig, http: reqwest::Client) -> anyhow::Result<Source> {
+    pub fn from_config(config: &Config, http: reqwest::Client) -> anyhow::Result<Source> {
+        let auth = &config.auth;
         Ok(match auth.method {
             AuthMethod::ClientCredentials => Source::ClientCredentials(OidcClient::new(auth, http)),
             AuthMethod::PasswordGrant => Source::Password {
@@ -37,12 +44,19 @@ impl Source {
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("static needs static_token_file"))?,
             }),
-            AuthMethod::AuthCode | AuthMethod::Session => {
-                anyhow::bail!(
-                    "auth_method {:?} is not available in this build yet",
-                    auth.method
-                )
-            }
+            AuthMethod::AuthCode => Source::AuthCode(
+                AuthCode::new(auth, OidcClient::new(auth, http)).map_err(anyhow::Error::msg)?,
+            ),
+            AuthMethod::Session => Source::Session(Session::new(
+                &config.upstream,
+                auth.username.clone().unwrap_or_default(),
+                auth.password
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("session needs a password"))?,
+                auth.session_cookie_name.clone(),
+                config.allow_plain_http,
+                http,
+            )?),
         })
     }
 
@@ -53,6 +67,8 @@ impl Source {
             Source::Password { oidc, username, .. } => {
                 format!("password:{}:{username}", oidc.client_id)
             }
+            Source::AuthCode(a) => format!("auth_code:{}:{}", a.oidc.client_id, a.path.display()),
+            Source::Session(s) => format!("session:{}", s.username()),
             Source::Static(s) => format!("static:{}", s.path.display()),
         }
     }
@@ -62,11 +78,14 @@ impl Source {
         match self {
             Source::ClientCredentials(_) => "client_credentials",
             Source::Password { .. } => "password",
+            Source::AuthCode(_) => "refresh_token",
+            Source::Session(_) => "session_login",
             Source::Static(_) => "static_file",
         }
     }
 
-    /// Files whose change should trigger an immediate retry (rotated Kubernetes secrets).
+    /// Files whose change should trigger an immediate retry (rotated Kubernetes secrets, and
+    /// the auth_code token file, so a new `login` heals a proxy that needs one).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let secret_file =
             |s: &Option<SecretSource>| s.as_ref().and_then(|s| s.file()).map(PathBuf::from);
@@ -78,6 +97,10 @@ impl Source {
                 .into_iter()
                 .chain(password.file().map(PathBuf::from))
                 .collect(),
+            Source::AuthCode(a) => std::iter::once(a.path.clone())
+                .chain(secret_file(&a.oidc.client_secret))
+                .collect(),
+            Source::Session(s) => s.password_file().map(PathBuf::from).into_iter().collect(),
             Source::Static(s) => vec![s.path.clone()],
         }
     }
@@ -93,6 +116,8 @@ impl Source {
     pub async fn acquire(&self, previous: Option<&Credential>) -> Result<Acquired, FetchError> {
         let oidc = match self {
             Source::ClientCredentials(oidc) | Source::Password { oidc, .. } => oidc,
+            Source::AuthCode(a) => return a.acquire(previous).await,
+            Source::Session(s) => return s.acquire().await,
             Source::Static(s) => return s.acquire(),
         };
         if let Some(refresh_token) = previous.and_then(|c| c.refresh_token.as_ref()) {
@@ -123,6 +148,8 @@ impl Source {
                 oidc.grant("password", oidc.password_form(username, &password))
                     .await
             }
+            Source::AuthCode(a) => a.acquire(previous).await,
+            Source::Session(s) => s.acquire().await,
             Source::Static(s) => s.acquire(),
         }
     }

@@ -120,7 +120,10 @@ pub fn load(path: &Path) -> Result<Option<StoredTokens>, String> {
         return Err(format!("{} is not a regular file", path.display()));
     }
     if meta.len() > MAX_SIZE {
-        return Err(format!("{} is too large to be a token file", path.display()));
+        return Err(format!(
+            "{} is too large to be a token file",
+            path.display()
+        ));
     }
     if meta.permissions().mode() & 0o077 != 0 {
         tracing::warn!(
@@ -132,8 +135,12 @@ pub fn load(path: &Path) -> Result<Option<StoredTokens>, String> {
     let mut text = String::new();
     file.read_to_string(&mut text)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let disk: OnDisk = serde_json::from_str(&text)
-        .map_err(|_| format!("{} is not a token file written by `seldon-auth-proxy login`", path.display()))?;
+    let disk: OnDisk = serde_json::from_str(&text).map_err(|_| {
+        format!(
+            "{} is not a token file written by `seldon-auth-proxy login`",
+            path.display()
+        )
+    })?;
     if disk.version != VERSION {
         return Err(format!(
             "{} has format version {}, this build reads version {VERSION}",
@@ -199,12 +206,20 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     };
     let name = path
         .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "the token file path names no file"))?
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the token file path names no file",
+            )
+        })?
         .to_string_lossy()
         .into_owned();
     let mut attempt = 0;
     let (tmp, mut file) = loop {
-        let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::thread_rng().next_u64()));
+        let tmp = dir.join(format!(
+            ".{name}.{:016x}.tmp",
+            rand::thread_rng().next_u64()
+        ));
         match OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -259,11 +274,18 @@ mod tests {
         save(&path, &sample()).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let folder = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let folder = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(folder & 0o077, 0);
         assert_eq!(load(&path).unwrap(), Some(sample()));
         // No temporary file is left behind.
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]
@@ -277,7 +299,10 @@ mod tests {
         assert!(err.contains("symbolic link"), "{err}");
         save(&path, &sample()).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
-        assert!(!std::fs::symlink_metadata(&path).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(load(&path).unwrap(), Some(sample()));
     }
 
@@ -289,12 +314,19 @@ mod tests {
         let path = dir.path().join("tokens.json");
         std::fs::write(&path, "{\"refresh_token\":\"secret-value\"}").unwrap();
         let err = load(&path).unwrap_err();
-        assert!(err.contains("not a token file") && !err.contains("secret-value"), "{err}");
+        assert!(
+            err.contains("not a token file") && !err.contains("secret-value"),
+            "{err}"
+        );
     }
 
     #[test]
     fn default_path_is_under_the_cache_directory() {
         let path = default_path().unwrap();
-        assert!(path.ends_with("seldon-auth-proxy/tokens.json"), "{}", path.display());
+        assert!(
+            path.ends_with("seldon-auth-proxy/tokens.json"),
+            "{}",
+            path.display()
+        );
     }
 }

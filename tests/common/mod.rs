@@ -1,2 +1,12 @@
 pub mod deps;
+pub mod dex;
+pub mod echo;
+pub mod fault_upstream;
+pub mod gate;
 pub mod idp;
+pub mod proxy;
+pub mod proxy_child;
+pub mod proxy_inproc;
+pub mod raw_http;
+pub mod tls_certs;
+pub mod token_relay;
