@@ -30,9 +30,21 @@ impl StaticFile {
                 self.path.display()
             )));
         }
-        let (life, warning) = match lifetime::jwt_expiry(token) {
-            Some(_) => lifetime::lifetime(token, None),
-            None => (OPAQUE_RECHECK, None),
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let life = match lifetime::jwt_expiry(token) {
+            // Nobody will refresh a token in a file: once expired it is refused, not resent.
+            Some(exp) if exp <= now => {
+                return Err(FetchError::configuration(format!(
+                    "the token in static_token_file {} expired {}s ago (by the local clock); put a fresh token in the file",
+                    self.path.display(),
+                    now - exp
+                )))
+            }
+            Some(exp) => Duration::from_secs(exp - now),
+            None => OPAQUE_RECHECK,
         };
         Ok(Acquired {
             header_name: AUTHORIZATION,
@@ -41,7 +53,7 @@ impl StaticFile {
             refresh_token: None,
             grant: "static_file",
             token: Some(Secret::new(token)),
-            warning,
+            warning: None,
         })
     }
 }
