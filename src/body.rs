@@ -88,10 +88,14 @@ impl Body for ForwardBody {
         match self.get_mut() {
             ForwardBody::Empty => Poll::Ready(None),
             ForwardBody::Buffered(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            ForwardBody::Streaming { inner, copy } => match Pin::new(inner).poll_frame(cx) {
+            ForwardBody::Streaming { inner, copy } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         copy.record(data);
+                    }
+                    // With a Content-Length, hyper stops polling once the length is reached.
+                    if inner.is_end_stream() {
+                        copy.finish();
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }

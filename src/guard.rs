@@ -1,7 +1,7 @@
 //! What may come in: the method, the Host and Origin a caller presents, the inbound token,
 //! and the path confined to the allowed prefixes exactly as the upstream will see it.
 
-use http::{header, HeaderMap, Method, Uri};
+use http::{header, HeaderMap, Method, Uri, Version};
 use subtle::ConstantTimeEq;
 
 use crate::error::ProxyError;
@@ -22,26 +22,37 @@ impl Guard {
     pub fn admit<'a>(
         &self,
         method: &Method,
+        version: Version,
         uri: &'a Uri,
         headers: &HeaderMap,
     ) -> Result<&'a str, ProxyError> {
         if method == Method::CONNECT || method == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed);
         }
-        self.check_host(uri, headers)?;
+        self.check_host(version, uri, headers)?;
         self.check_origin(headers)?;
         self.check_inbound_token(headers)?;
         confine_path(uri, &self.allowed_prefixes)
     }
 
-    fn check_host(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), ProxyError> {
+    fn check_host(
+        &self,
+        version: Version,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<(), ProxyError> {
         let host = match headers.get(header::HOST) {
             Some(value) => value.to_str().map_err(|_| ProxyError::ForbiddenHost)?,
             // HTTP/2 carries the authority in the URI; HTTP/1.0 may carry none at all,
-            // which no browser does, so a missing Host cannot be a rebinding attack.
+            // which no browser does, so a missing Host cannot be a rebinding attack there.
             None => match uri.authority() {
                 Some(authority) => authority.as_str(),
-                None => return Ok(()),
+                None if version == Version::HTTP_10 => return Ok(()),
+                None => {
+                    return Err(ProxyError::BadRequest(
+                        "HTTP/1.1 requests need a Host header".into(),
+                    ))
+                }
             },
         };
         let name = strip_port(host);
@@ -79,7 +90,9 @@ impl Guard {
         };
         let presented = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(|v| v.as_bytes())
+            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+            .map(|v| &v[7..])
             .unwrap_or_default();
         if bool::from(presented.ct_eq(expected.expose().as_bytes())) {
             Ok(())
@@ -128,8 +141,13 @@ pub fn confine_path<'a>(uri: &'a Uri, prefixes: &[String]) -> Result<&'a str, Pr
     let last = segments.len() - 1;
     for (i, segment) in segments.iter().enumerate() {
         let decoded = decode_segment(segment);
-        let before_params = decoded.split(|b| *b == b';').next().unwrap_or_default();
-        if before_params == b"." || before_params == b".." {
+        // Also inside a segment once `%2F` is decoded: some ingresses decode before they
+        // normalise, and `..%2Fadmin` would climb out of the prefix there.
+        let dot_segment = decoded.split(|b| *b == b'/').any(|part| {
+            let before_params = part.split(|b| *b == b';').next().unwrap_or_default();
+            before_params == b"." || before_params == b".."
+        });
+        if dot_segment {
             return Err(ProxyError::BadRequest(
                 "dot segments (. and ..) are refused in paths".into(),
             ));
@@ -201,6 +219,8 @@ mod tests {
             ("//seldon-deploy/api/v1alpha1/x", "bad_request"),
             ("/seldon-deploy/api/v1alpha1/%5C..%5Cx", "bad_request"),
             ("/seldon-deploy/api/v1alpha1/a%00b", "bad_request"),
+            ("/seldon-deploy/api/v1alpha1/..%2F..%2Fadmin", "bad_request"),
+            ("/seldon-deploy/api/v1alpha1/x%2F%2e%2e%2Fy", "bad_request"),
             (
                 "http://elsewhere/seldon-deploy/api/v1alpha1/x",
                 "bad_request",

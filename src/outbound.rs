@@ -46,6 +46,30 @@ pub fn idp_client(tls: &TlsConfig, timeout: Duration) -> anyhow::Result<reqwest:
     Ok(builder.build()?)
 }
 
+/// Whether an error means a pooled connection turned out to be closed (reset, or closed
+/// before any answer): a fresh connection may well succeed.
+pub fn is_stale_connection(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(hyper_error) = e.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_incomplete_message() || hyper_error.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
 /// Describes a client error without its URL (which may carry a query worth hiding) and
 /// with the causes that say what actually went wrong.
 pub fn describe(error: &reqwest::Error) -> String {

@@ -21,7 +21,7 @@ use crate::credential::{session, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
-use crate::outbound::UpstreamTcp;
+use crate::outbound::{is_stale_connection, UpstreamTcp};
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
 pub type ResponseBody = Either<Incoming, Full<Bytes>>;
@@ -208,9 +208,10 @@ impl Forwarder {
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         let shared = &*self.shared;
         let (mut parts, body) = request.into_parts();
-        let target = shared
-            .guard
-            .admit(&parts.method, &parts.uri, &parts.headers)?;
+        let target =
+            shared
+                .guard
+                .admit(&parts.method, parts.version, &parts.uri, &parts.headers)?;
         parts.uri = shared.upstream.uri(target)?;
         let credential =
             shared
@@ -241,7 +242,30 @@ impl Forwarder {
         );
 
         let sent = Instant::now();
-        let mut response = self.send(Request::from_parts(parts, body)).await?;
+        let idempotent = parts.method.is_idempotent();
+        let mut response = match self.send_once(Request::from_parts(parts, body)).await {
+            Ok(response) => response,
+            // A pooled connection the upstream had closed: an idempotent request whose body is
+            // still at hand goes once more, on a fresh connection, invisibly.
+            Err(SendError::Client(e))
+                if idempotent && !e.is_connect() && is_stale_connection(&e) =>
+            {
+                let body = match &copy {
+                    None => Some(ForwardBody::Empty),
+                    Some(copy) => copy.replayable().map(|b| ForwardBody::Buffered(Some(b))),
+                };
+                let Some(body) = body else {
+                    return Err(classify_upstream_error(e));
+                };
+                let (method, uri, mut headers) = replay_head.clone();
+                headers.insert(
+                    credential.header_name.clone(),
+                    credential.header_value.clone(),
+                );
+                self.send(rebuild(method, uri, headers, body)).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         if self.refused(&response) {
             shared.metrics.upstream_unauthorized();
             let replay_body = match &copy {
@@ -261,11 +285,7 @@ impl Forwarder {
                         } else {
                             ForwardBody::Buffered(Some(bytes))
                         };
-                        let mut replay = Request::new(body);
-                        *replay.method_mut() = method;
-                        *replay.uri_mut() = uri;
-                        *replay.headers_mut() = headers;
-                        response = self.send(replay).await?;
+                        response = self.send(rebuild(method, uri, headers, body)).await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
@@ -280,7 +300,9 @@ impl Forwarder {
             // A session's login redirect is never passed back: the caller cannot follow it.
             if response.status().is_redirection() && self.refused(&response) {
                 return Err(ProxyError::TokenUnavailable {
-                    message: "the platform session expired and was being renewed; retry the request".into(),
+                    message:
+                        "the platform session expired and was being renewed; retry the request"
+                            .into(),
                     retry_after: Duration::from_secs(1),
                 });
             }
@@ -317,13 +339,49 @@ impl Forwarder {
     }
 
     /// Sends one request upstream, bounded by the response-head timeout.
-    async fn send(&self, request: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
+    async fn send_once(
+        &self,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<Incoming>, SendError> {
         let timeout = self.shared.upstream_timeout;
         tokio::time::timeout(timeout, self.client.request(request))
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout(timeout))?
-            .map_err(classify_upstream_error)
+            .map_err(|_| SendError::Timeout(timeout))?
+            .map_err(SendError::Client)
     }
+
+    async fn send(&self, request: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
+        self.send_once(request).await.map_err(ProxyError::from)
+    }
+}
+
+/// Why a request got no response head from the upstream.
+enum SendError {
+    Timeout(Duration),
+    Client(hyper_util::client::legacy::Error),
+}
+
+impl From<SendError> for ProxyError {
+    fn from(error: SendError) -> ProxyError {
+        match error {
+            SendError::Timeout(timeout) => ProxyError::UpstreamTimeout(timeout),
+            SendError::Client(e) => classify_upstream_error(e),
+        }
+    }
+}
+
+/// A request again from its parts (for a retry or a replay).
+fn rebuild(
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: ForwardBody,
+) -> Request<ForwardBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
 }
 
 /// Names what went wrong talking to the upstream without echoing anything sensitive.

@@ -38,11 +38,14 @@ pub fn jwt_expiry(token: &str) -> Option<u64> {
     }
 }
 
-fn unix_now() -> u64 {
+fn precise_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+fn unix_now() -> u64 {
+    precise_now().as_secs()
 }
 
 /// The shortest lifetime scheduled, so a token already expired by the local clock cannot
@@ -54,7 +57,9 @@ const MIN_LIFETIME: Duration = Duration::from_secs(2);
 pub fn lifetime(token: &str, expires_in: Option<u64>) -> (Duration, Option<String>) {
     let now = unix_now();
     match jwt_expiry(token) {
-        Some(exp) if exp > now => (Duration::from_secs(exp - now), None),
+        // Measured against the sub-second clock: `exp` is whole seconds, and a whole-second
+        // "now" would overstate a short token's life by up to a second.
+        Some(exp) if exp > now => (Duration::from_secs(exp).saturating_sub(precise_now()), None),
         Some(exp) => {
             let fallback = expires_in.filter(|s| *s > 0).map(Duration::from_secs);
             let warning = format!(

@@ -24,6 +24,10 @@ const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(10);
 const CONFIGURATION_RETRY: Duration = Duration::from_secs(60);
 /// An upstream 401 invalidates a credential at most this often.
 const MIN_INVALIDATION_INTERVAL: Duration = Duration::from_secs(5);
+/// A failing refresh is retried this long before the held credential's cutoff at the latest.
+const LAST_CHANCE_MARGIN: Duration = Duration::from_millis(300);
+/// The shortest retry delay, so failures never spin.
+const MIN_RETRY: Duration = Duration::from_millis(200);
 /// How often watched secret files are checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(2);
 
@@ -152,14 +156,26 @@ impl CredentialManager {
         (f.retry_at > Instant::now()).then(|| Self::unavailable(&f.error, f.retry_at))
     }
 
-    fn record_failure(&self, error: &FetchError) {
+    /// Records a failed attempt and schedules the next. A transient failure is retried with
+    /// backoff, but never later than just before the held credential stops being usable, so
+    /// an IdP that comes back in time causes no failed call.
+    fn record_failure(&self, error: &FetchError, held: Option<&Credential>) {
         let mut failure = self.lock_failure();
         let attempts = failure.as_ref().map(|f| f.attempts + 1).unwrap_or(1);
         let delay = match error.class {
             FailureClass::Transient => {
                 let base =
                     Duration::from_secs(1u64 << (attempts - 1).min(4)).min(MAX_TRANSIENT_BACKOFF);
-                base.mul_f64(rand::thread_rng().gen_range(0.8..=1.0))
+                let backoff = base.mul_f64(rand::thread_rng().gen_range(0.8..=1.0));
+                let last_chance = held
+                    .map(|c| {
+                        c.schedule
+                            .usable_until
+                            .saturating_duration_since(Instant::now())
+                    })
+                    .map(|left| left.saturating_sub(LAST_CHANCE_MARGIN))
+                    .filter(|left| *left >= MIN_RETRY);
+                last_chance.map_or(backoff, |left| backoff.min(left))
             }
             FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
         };
@@ -258,7 +274,7 @@ impl CredentialManager {
                     Err(error) => {
                         self.metrics
                             .token_request(self.source.primary_grant(), false);
-                        self.record_failure(&error);
+                        self.record_failure(&error, existing.as_deref());
                         let retry_at = self
                             .lock_failure()
                             .as_ref()

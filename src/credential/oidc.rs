@@ -9,7 +9,7 @@ use url::Url;
 
 use super::{bearer, lifetime, Acquired, FailureClass, FetchError, Schedule};
 use crate::config::{AuthConfig, TokenField};
-use crate::outbound::describe;
+use crate::outbound::{describe, is_stale_connection};
 use crate::secret::{Secret, SecretSource};
 
 /// A client of one IdP, for one OAuth client.
@@ -226,7 +226,18 @@ impl OidcClient {
             }
             None => form.push(("client_id", self.client_id.clone())),
         }
-        let response = request.form(&form).send().await.map_err(|e| {
+        let request = request.form(&form);
+        let retry = request.try_clone();
+        let response = match (request.send().await, retry) {
+            // The IdP closed a pooled connection we tried to reuse: once more, on a new one.
+            (Err(e), Some(retry))
+                if !e.is_timeout() && !e.is_connect() && is_stale_connection(&e) =>
+            {
+                retry.send().await
+            }
+            (first, _) => first,
+        };
+        let response = response.map_err(|e| {
             FetchError::transient(format!("token request to {endpoint}: {}", describe(&e)))
         })?;
         let status = response.status();

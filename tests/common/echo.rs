@@ -59,6 +59,14 @@ impl Seen {
             .collect()
     }
 
+    /// The headers as `name: value` lines, for messages.
+    pub fn header_lines(&self) -> Vec<String> {
+        self.headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", String::from_utf8_lossy(v)))
+            .collect()
+    }
+
     pub fn has_header(&self, name: &str) -> bool {
         self.headers
             .iter()

@@ -79,8 +79,6 @@ pub enum Fault {
     Redirect(String),
     /// This status with a small JSON body.
     Status(u16),
-    /// Answer 401 at once, without reading the request body.
-    UnauthorizedWithoutReadingBody,
 }
 
 struct Rule {
@@ -431,12 +429,6 @@ async fn handle(
         let _ = orders.send(ConnectionOrder::CloseAfter(Duration::ZERO));
         return std::future::pending().await;
     }
-    if let Some(Fault::UnauthorizedWithoutReadingBody) = fault {
-        seen.status = 401;
-        seen.verify_error = Some("refused before reading the body".into());
-        lock(&state.seen).push(seen);
-        return unauthorized("this endpoint always answers 401");
-    }
 
     let bytes = body
         .collect()
@@ -537,7 +529,6 @@ async fn handle(
             lock(&state.seen).push(seen);
             json_response(StatusCode::from_u16(status).unwrap(), ok_body)
         }
-        Some(Fault::UnauthorizedWithoutReadingBody) => unreachable!("handled above"),
         None => {
             seen.status = 200;
             lock(&state.seen).push(seen);

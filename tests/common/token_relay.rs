@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -21,6 +22,8 @@ pub struct TokenRelay {
     pub addr: SocketAddr,
     target: String,
     issued: Arc<Mutex<Vec<String>>>,
+    drop_reused: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -30,25 +33,59 @@ impl TokenRelay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let issued = Arc::new(Mutex::new(Vec::new()));
+        let drop_reused = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
         let target = token_endpoint.to_owned();
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let task = {
             let issued = issued.clone();
             let target = target.clone();
+            let drop_reused = drop_reused.clone();
+            let dropped = dropped.clone();
             tokio::spawn(async move {
                 let mut connections = tokio::task::JoinSet::new();
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let issued = issued.clone();
                     let target = target.clone();
                     let http = http.clone();
+                    let drop_reused = drop_reused.clone();
+                    let dropped = dropped.clone();
                     connections.spawn(async move {
-                        let service = service_fn(move |request: Request<Incoming>| {
-                            relay(request, http.clone(), target.clone(), issued.clone())
-                        });
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        let hang_up = Arc::new(tokio::sync::Notify::new());
+                        let served = Arc::new(AtomicU64::new(0));
+                        let service = {
+                            let hang_up = hang_up.clone();
+                            service_fn(move |request: Request<Incoming>| {
+                                let reused = served.fetch_add(1, Ordering::SeqCst) > 0;
+                                let drop_it = reused && drop_reused.load(Ordering::SeqCst);
+                                let (http, target, issued, hang_up, dropped) = (
+                                    http.clone(),
+                                    target.clone(),
+                                    issued.clone(),
+                                    hang_up.clone(),
+                                    dropped.clone(),
+                                );
+                                async move {
+                                    if drop_it {
+                                        // As an IdP (or the load balancer before it) closing an idle
+                                        // keep-alive connection just as the request arrives.
+                                        dropped.fetch_add(1, Ordering::SeqCst);
+                                        hang_up.notify_one();
+                                        std::future::pending::<()>().await;
+                                    }
+                                    relay(request, http, target, issued).await
+                                }
+                            })
+                        };
+                        let connection =
+                            http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                        tokio::select! {
+                            _ = connection => {}
+                            _ = hang_up.notified() => {}
+                        }
                     });
                 }
             })
@@ -57,6 +94,8 @@ impl TokenRelay {
             addr,
             target,
             issued,
+            drop_reused,
+            dropped,
             task,
         }
     }
@@ -64,6 +103,16 @@ impl TokenRelay {
     /// The URL to give as `--token-endpoint`.
     pub fn url(&self) -> String {
         format!("http://{}/token", self.addr)
+    }
+
+    /// Closes a connection, unanswered, when a second request arrives on it.
+    pub fn drop_requests_on_reused_connections(&self, yes: bool) {
+        self.drop_reused.store(yes, Ordering::SeqCst);
+    }
+
+    /// Requests dropped that way so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::SeqCst)
     }
 
     /// Every token in every answer so far (access, id, refresh), deduplicated.
@@ -88,7 +137,11 @@ async fn relay(
     issued: Arc<Mutex<Vec<String>>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
     let mut forward = http.post(&target).body(body);
     for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
         if let Some(value) = parts.headers.get(&name) {
@@ -96,7 +149,10 @@ async fn relay(
         }
     }
     let (status, text) = match forward.send().await {
-        Ok(answer) => (answer.status().as_u16(), answer.bytes().await.unwrap_or_default()),
+        Ok(answer) => (
+            answer.status().as_u16(),
+            answer.bytes().await.unwrap_or_default(),
+        ),
         Err(_) => (502, Bytes::from_static(b"{\"error\":\"relay\"}")),
     };
     if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&text) {
