@@ -257,6 +257,7 @@ impl Forwarder {
                 let Some(body) = body else {
                     return Err(classify_upstream_error(e));
                 };
+                tracing::debug!("a pooled upstream connection was closed; retrying on a fresh one");
                 let (method, uri, mut headers) = replay_head.clone();
                 headers.insert(
                     credential.header_name.clone(),
@@ -276,6 +277,10 @@ impl Forwarder {
                 Some(bytes) => {
                     // Single-flight and rate limited: many 401s on one credential cause one
                     // token request; the request is replayed once, never looped.
+                    tracing::debug!(
+                        generation = credential.generation,
+                        "the platform refused the credential; replacing it and replaying once"
+                    );
                     let fresh = shared.manager.invalidate(credential.generation).await;
                     if let Some(fresh) = fresh.filter(|f| f.generation != credential.generation) {
                         let (method, uri, mut headers) = replay_head;

@@ -330,6 +330,11 @@ impl CredentialManager {
                 (None, Some(credential)) => credential.schedule.refresh_at,
                 (None, None) => Instant::now(),
             };
+            tracing::debug!(
+                in_ms = next.saturating_duration_since(Instant::now()).as_millis() as u64,
+                after_failure = retry_at.is_some(),
+                "next credential refresh scheduled"
+            );
             tokio::select! {
                 _ = sleep_until(next) => {}
                 _ = self.wake.notified() => {}
