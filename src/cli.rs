@@ -28,7 +28,13 @@ pub fn parse() -> Result<(Command, Settings), ConfigError> {
     }
     let matches = command
         .try_get_matches_from_mut(std::env::args_os())
-        .unwrap_or_else(|e| e.exit());
+        .unwrap_or_else(|e| match from_environment(&command, &e) {
+            Some(message) => {
+                eprintln!("seldon-auth-proxy: {message}");
+                std::process::exit(EXIT_CONFIG.into());
+            }
+            None => e.exit(),
+        });
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let from_file = match &cli.settings.config {
         Some(path) => Settings::from_file(path)?,
@@ -38,6 +44,47 @@ pub fn parse() -> Result<(Command, Settings), ConfigError> {
         cli.command.unwrap_or(Command::Serve),
         cli.settings.over(from_file),
     ))
+}
+
+/// clap names the flag of a bad value even when the value came from the environment; this
+/// names the variable the user actually set instead.
+fn from_environment(command: &clap::Command, error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg_text)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let arg = command.get_arguments().find(|a| {
+        a.get_long().is_some_and(|long| {
+            arg_text.starts_with(&format!("--{long} ")) || *arg_text == format!("--{long}")
+        })
+    })?;
+    let long = format!("--{}", arg.get_long()?);
+    let given_as_flag = std::env::args().any(|a| a == long || a.starts_with(&format!("{long}=")));
+    let env = arg.get_env()?.to_string_lossy().into_owned();
+    if given_as_flag || std::env::var_os(&env).is_none() {
+        return None;
+    }
+    let value = match error.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => format!(" `{v}`"),
+        _ => String::new(),
+    };
+    let reason = match (
+        error.get(ContextKind::ValidValue),
+        std::error::Error::source(error),
+    ) {
+        (Some(ContextValue::Strings(valid)), _) => {
+            format!(": expected one of {}", valid.join(", "))
+        }
+        (_, Some(cause)) => format!(": {cause}"),
+        _ => String::new(),
+    };
+    Some(format!("{env}: invalid value{value}{reason}"))
 }
 
 /// Warnings about how secrets were given, printed once at start-up.

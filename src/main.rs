@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use seldon_auth_proxy::cli::{self, EXIT_CONFIG};
-use seldon_auth_proxy::config::{Command, Config};
+use seldon_auth_proxy::config::{Command, Config, LogFormat};
 use seldon_auth_proxy::logging;
 
 fn main() -> ExitCode {
@@ -15,9 +15,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let format = settings
-        .log_format
-        .unwrap_or(seldon_auth_proxy::config::LogFormat::Text);
+    let format = settings.log_format.unwrap_or(LogFormat::Text);
     let level = settings.log_level.clone().unwrap_or_else(|| "info".into());
     let _log_guard = logging::init(format, &level);
     raise_open_file_limit();
@@ -38,7 +36,11 @@ fn main() -> ExitCode {
     let config = match Config::from_settings(settings) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("seldon-auth-proxy: {e}");
+            // With JSON logs, the line that explains a crash-looping sidecar is JSON too.
+            match format {
+                LogFormat::Json => tracing::error!("invalid configuration: {e}"),
+                LogFormat::Text => eprintln!("seldon-auth-proxy: {e}"),
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };

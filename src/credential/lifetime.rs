@@ -89,16 +89,17 @@ impl Schedule {
     /// Schedules a credential received now with the given lifetime.
     ///
     /// - usable until `lifetime - skew`, where skew is 10% of the lifetime, at most 30 s;
-    /// - refreshed at 75% of the lifetime (±5% jitter), but no later than 60 s before expiry
-    ///   and no earlier than half the lifetime, so short tokens still get most of their life.
+    /// - refreshed at 75% of the lifetime, but no later than 60 s before expiry and no earlier
+    ///   than half the lifetime (so short tokens still get most of their life), then ±5% jitter.
     pub fn new(lifetime: Duration) -> Schedule {
         let now = Instant::now();
         let lifetime = lifetime.max(MIN_LIFETIME);
         let skew = (lifetime / 10).min(Duration::from_secs(30));
-        let jitter = rand::thread_rng().gen_range(-0.05..=0.05);
-        let target = lifetime.mul_f64(0.75 + jitter);
+        let target = lifetime.mul_f64(0.75);
         let latest = lifetime.saturating_sub(Duration::from_secs(60));
-        let refresh_after = target.min(latest).max(lifetime / 2);
+        // Jitter after the clamps, so a fleet of sidecars never refreshes in lockstep.
+        let jitter = rand::thread_rng().gen_range(0.95..=1.05);
+        let refresh_after = target.min(latest).max(lifetime / 2).mul_f64(jitter);
         Schedule {
             expires_at: now + lifetime,
             usable_until: now + (lifetime - skew),
@@ -154,7 +155,10 @@ mod tests {
             let skew = s.expires_at - s.usable_until;
             assert!(skew <= Duration::from_secs(30));
             let to_refresh = s.refresh_at - (s.expires_at - Duration::from_secs(secs));
-            assert!(to_refresh >= Duration::from_secs(secs) / 2, "{secs}s");
+            assert!(
+                to_refresh >= Duration::from_secs(secs).mul_f64(0.45),
+                "{secs}s"
+            );
             if secs >= 300 {
                 assert!(
                     s.expires_at - s.refresh_at >= Duration::from_secs(60),

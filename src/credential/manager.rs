@@ -64,6 +64,8 @@ pub struct CredentialManager {
     last_invalidation: Mutex<Option<Instant>>,
     wake: Notify,
     files_changed: AtomicBool,
+    /// Set once the background task runs: failures are then retried, and logged as such.
+    retrying: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -78,6 +80,7 @@ impl CredentialManager {
             last_invalidation: Mutex::new(None),
             wake: Notify::new(),
             files_changed: AtomicBool::new(false),
+            retrying: AtomicBool::new(false),
             metrics,
         })
     }
@@ -179,6 +182,20 @@ impl CredentialManager {
             }
             FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
         };
+        if !self.retrying.load(Ordering::Relaxed) {
+            // A one-shot caller (`check`, `token`) reports the failure itself.
+            tracing::debug!("could not obtain a credential: {}", error.message);
+        } else {
+            self.log_failure(error, attempts, delay);
+        }
+        *failure = Some(Failure {
+            error: error.clone(),
+            attempts,
+            retry_at: Instant::now() + delay,
+        });
+    }
+
+    fn log_failure(&self, error: &FetchError, attempts: u32, delay: Duration) {
         match error.class {
             FailureClass::Transient => tracing::warn!(
                 attempt = attempts,
@@ -199,11 +216,6 @@ impl CredentialManager {
                 error.message
             ),
         }
-        *failure = Some(Failure {
-            error: error.clone(),
-            attempts,
-            retry_at: Instant::now() + delay,
-        });
     }
 
     fn invalidation_allowed(&self) -> bool {
@@ -311,6 +323,7 @@ impl CredentialManager {
 
     /// Starts the background refresh loop and the secret-file watcher.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
+        self.retrying.store(true, Ordering::Relaxed);
         let manager = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { manager.refresh_loop(stop).await });
