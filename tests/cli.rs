@@ -264,7 +264,7 @@ async fn unknown_settings_and_bad_durations_exit_2_naming_the_setting() {
     // clap names the flag that the variable feeds.
     expect_2(
         &run_command(c).await,
-        &["shutdown-delay", "soon"],
+        &["SELDON_AUTH_PROXY_SHUTDOWN_DELAY", "soon"],
         "bad duration variable",
     );
     let mut c = command(&["check", "--upstream-timeout", "0s"]);
