@@ -261,7 +261,7 @@ async fn unknown_settings_and_bad_durations_exit_2_naming_the_setting() {
     );
     let mut c = command(&["check"]);
     c.args(base).env("SELDON_AUTH_PROXY_SHUTDOWN_DELAY", "soon");
-    // clap names the flag that the variable feeds.
+    // The message names the variable the user set, not the flag it feeds.
     expect_2(
         &run_command(c).await,
         &["SELDON_AUTH_PROXY_SHUTDOWN_DELAY", "soon"],
