@@ -18,21 +18,21 @@ pub struct Guard {
 }
 
 impl Guard {
-    /// Runs every check; returns the path and query to send upstream.
-    pub fn admit<'a>(
+    /// Runs every check on a request before anything is forwarded.
+    pub fn admit(
         &self,
         method: &Method,
         version: Version,
-        uri: &'a Uri,
+        uri: &Uri,
         headers: &HeaderMap,
-    ) -> Result<&'a str, ProxyError> {
+    ) -> Result<(), ProxyError> {
         if method == Method::CONNECT || method == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed);
         }
         self.check_host(version, uri, headers)?;
         self.check_origin(headers)?;
         self.check_inbound_token(headers)?;
-        confine_path(uri, &self.allowed_prefixes)
+        confine_path(uri, &self.allowed_prefixes).map(|_| ())
     }
 
     fn check_host(

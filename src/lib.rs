@@ -2,6 +2,7 @@
 //! forwards calls to the Seldon Enterprise Platform API with them. [`start`] runs the whole
 //! proxy on the listeners a [`config::Config`] names (port 0 works), for `main` and tests.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod cli;
@@ -104,7 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         },
         upstream: Upstream::new(&config.upstream)?,
         upstream_timeout: config.limits.upstream_timeout,
-        access_log: config.access_log,
+        access_log: config.access_log && access_log::is_active(),
         session_cookie: (config.auth.method == config::AuthMethod::Session)
             .then(|| config.auth.session_cookie_name.clone()),
     });

@@ -28,6 +28,7 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .finish(std::io::stderr());
+    crate::access_log::install(writer.clone(), format);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(writer)

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use url::Url;
 
+use crate::access_log;
 use crate::body::ForwardBody;
 use crate::credential::{session, CredentialManager};
 use crate::error::ProxyError;
@@ -28,6 +29,8 @@ pub type ResponseBody = Either<Incoming, Full<Bytes>>;
 type UpstreamClient = Client<HttpsConnector<UpstreamTcp>, ForwardBody>;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Idle upstream connections close before the usual 60 s of load balancers.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(30);
@@ -41,6 +44,8 @@ pub struct Upstream {
     base_path: String,
     /// The Host header sent (ingresses route by it).
     host: HeaderValue,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
 }
 
 impl Upstream {
@@ -53,19 +58,33 @@ impl Upstream {
         Ok(Upstream {
             url: url.clone(),
             base_path: url.path().trim_end_matches('/').to_owned(),
-            host: HeaderValue::try_from(authority)?,
+            host: HeaderValue::try_from(authority.as_str())?,
+            scheme: url.scheme().parse()?,
+            authority: authority.parse()?,
             origin,
         })
     }
 
-    fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
-        let mut text =
-            String::with_capacity(self.origin.len() + self.base_path.len() + path_and_query.len());
-        text.push_str(&self.origin);
-        text.push_str(&self.base_path);
-        text.push_str(path_and_query);
-        text.parse()
-            .map_err(|_| ProxyError::BadRequest("the request target cannot be forwarded".into()))
+    /// The upstream URI for a caller's request target (already admitted by the guard).
+    fn uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
+        let cannot = || ProxyError::BadRequest("the request target cannot be forwarded".into());
+        let path_and_query = target.path_and_query().cloned();
+        let path_and_query = if self.base_path.is_empty() {
+            // The caller's target as received, shared rather than copied or parsed again.
+            path_and_query
+        } else {
+            let text = format!(
+                "{}{}",
+                self.base_path,
+                path_and_query.as_ref().map_or("/", |pq| pq.as_str())
+            );
+            Some(text.parse().map_err(|_| cannot())?)
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = path_and_query;
+        Uri::from_parts(parts).map_err(|_| cannot())
     }
 
     /// A `Location` on the upstream's own origin, made relative so the caller stays behind
@@ -89,6 +108,7 @@ pub struct Shared {
     pub guard: Guard,
     pub upstream: Upstream,
     pub upstream_timeout: Duration,
+    /// One line per request (see `access_log`).
     pub access_log: bool,
     /// The session cookie's name when the credential is a platform session (Dex).
     pub session_cookie: Option<String>,
@@ -114,15 +134,17 @@ fn new_request_id() -> HeaderValue {
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
 /// credentials a caller may have sent.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
     }
     for name in [
         header::CONNECTION,
@@ -135,8 +157,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
 }
 
 impl Forwarder {
@@ -163,7 +185,8 @@ impl Forwarder {
             .get(&REQUEST_ID)
             .cloned()
             .unwrap_or_else(new_request_id);
-        let path = request.uri().path().to_owned();
+        let target = request.uri().clone();
+        let path = target.path();
         let (mut response, upstream_elapsed) = match self.forward(request, &request_id).await {
             Ok((response, elapsed)) => (response.map(Either::Left), Some(elapsed)),
             Err(error) => {
@@ -187,16 +210,14 @@ impl Forwarder {
         let status = response.status().as_u16();
         self.shared.metrics.request(status, elapsed);
         if self.shared.access_log {
-            tracing::info!(
-                target: "access",
-                %method,
+            access_log::record(&access_log::Entry {
+                method: method.as_str(),
                 path,
                 status,
-                upstream_ms = upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
-                total_ms = elapsed.as_secs_f64() * 1e3,
-                request_id = request_id.to_str().unwrap_or_default(),
-                "request"
-            );
+                upstream: upstream_elapsed,
+                total: elapsed,
+                request_id: request_id.as_bytes(),
+            });
         }
         response
     }
@@ -208,11 +229,10 @@ impl Forwarder {
     ) -> Result<(Response<Incoming>, Duration), ProxyError> {
         let shared = &*self.shared;
         let (mut parts, body) = request.into_parts();
-        let target =
-            shared
-                .guard
-                .admit(&parts.method, parts.version, &parts.uri, &parts.headers)?;
-        parts.uri = shared.upstream.uri(target)?;
+        shared
+            .guard
+            .admit(&parts.method, parts.version, &parts.uri, &parts.headers)?;
+        parts.uri = shared.upstream.uri(&parts.uri)?;
         let credential =
             shared
                 .manager
@@ -463,7 +483,9 @@ mod tests {
     #[test]
     fn upstream_uri_keeps_the_raw_path_and_query() {
         let up = Upstream::new(&Url::parse("http://127.0.0.1:9000/base/").unwrap()).unwrap();
-        let uri = up.uri("/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2").unwrap();
+        let uri = up
+            .uri(&"/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2".parse().unwrap())
+            .unwrap();
         assert_eq!(
             uri.to_string(),
             "http://127.0.0.1:9000/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2"

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use moka::future::Cache;
 use moka::ops::compute::{CompResult, Op};
 use rand::Rng;
@@ -56,7 +57,10 @@ struct Failure {
 }
 
 pub struct CredentialManager {
+    /// Holds the credential keyed by identity; its entry's compute is the single flight.
     cache: Cache<Arc<str>, Arc<Credential>>,
+    /// The credential last put in the cache, for a lock-free read on every request.
+    latest: ArcSwapOption<Credential>,
     key: Arc<str>,
     source: Source,
     generation: AtomicU64,
@@ -73,6 +77,7 @@ impl CredentialManager {
     pub fn new(source: Source, metrics: Arc<Metrics>) -> Arc<CredentialManager> {
         Arc::new(CredentialManager {
             cache: Cache::builder().max_capacity(16).build(),
+            latest: ArcSwapOption::empty(),
             key: Arc::from(source.identity()),
             source,
             generation: AtomicU64::new(0),
@@ -88,7 +93,8 @@ impl CredentialManager {
     /// The credential to send now. Waits on the IdP only when no usable credential is held
     /// and no recent failure says the wait would be in vain.
     pub async fn current(&self) -> Result<Arc<Credential>, Unavailable> {
-        let held = self.cache.get(&self.key).await;
+        // The warm path: one atomic load of the latest credential the cache was given.
+        let held = self.latest.load_full();
         if let Some(credential) = &held {
             if credential.is_usable(Instant::now()) {
                 return Ok(credential.clone());
@@ -272,7 +278,7 @@ impl CredentialManager {
                             recovered,
                             "obtained a credential"
                         );
-                        Ok(Op::Put(Arc::new(Credential {
+                        let credential = Arc::new(Credential {
                             generation,
                             header_name: acquired.header_name,
                             header_value: acquired.header_value,
@@ -281,7 +287,9 @@ impl CredentialManager {
                             grant: acquired.grant,
                             token: acquired.token,
                             obtained_at: Instant::now(),
-                        })))
+                        });
+                        self.latest.store(Some(credential.clone()));
+                        Ok(Op::Put(credential))
                     }
                     Err(error) => {
                         self.metrics

@@ -1,0 +1,182 @@
+//! The access log: one line per proxied request, formatted straight into a per-thread buffer
+//! and handed to the log writer in batches, so that logging every request costs little.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use tracing_appender::non_blocking::NonBlocking;
+
+use crate::config::LogFormat;
+
+/// Lines are handed to the writer when a thread's buffer holds this much, or at the latest
+/// every [`FLUSH_INTERVAL`].
+const BATCH_BYTES: usize = 16 * 1024;
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The writer the rest of the log goes to, with its format; set by `logging::init`.
+static SINK: OnceLock<(NonBlocking, LogFormat)> = OnceLock::new();
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BATCH_BYTES));
+}
+
+/// Makes the access log write to the process's log writer (the same stream and format).
+pub fn install(writer: NonBlocking, format: LogFormat) {
+    let _ = SINK.set((writer, format));
+}
+
+/// Whether access lines have somewhere to go and info-level events of `access` are enabled.
+pub fn is_active() -> bool {
+    SINK.get().is_some() && tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
+/// One proxied request, as logged.
+pub struct Entry<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub upstream: Option<Duration>,
+    pub total: Duration,
+    pub request_id: &'a [u8],
+}
+
+/// Appends one line for `entry` to this thread's buffer.
+pub fn record(entry: &Entry<'_>) {
+    let Some((writer, format)) = SINK.get() else {
+        return;
+    };
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        let _ = match format {
+            LogFormat::Json => write_json(&mut buffer, entry),
+            LogFormat::Text => write_text(&mut buffer, entry),
+        };
+        if buffer.len() >= BATCH_BYTES {
+            hand_over(&mut buffer, writer);
+        }
+    });
+}
+
+/// Hands this thread's buffered lines to the writer.
+pub fn flush() {
+    if let Some((writer, _)) = SINK.get() {
+        BUFFER.with(|buffer| hand_over(&mut buffer.borrow_mut(), writer));
+    }
+}
+
+fn hand_over(buffer: &mut Vec<u8>, writer: &NonBlocking) {
+    if !buffer.is_empty() {
+        // One message to the writer thread, which writes messages whole and in order.
+        let _ = writer.clone().write_all(buffer);
+        buffer.clear();
+    }
+}
+
+fn write_millis(out: &mut Vec<u8>, d: Duration) -> std::io::Result<()> {
+    let micros = d.as_micros();
+    write!(out, "{}.{:03}", micros / 1000, micros % 1000)
+}
+
+/// Writes `bytes` as the inside of a JSON string (also used, quoted, in text lines).
+fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    for &b in bytes {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x20..=0x7e => out.push(b),
+            _ => {
+                let _ = write!(out, "\\u{b:04x}");
+            }
+        }
+    }
+}
+
+fn write_json(out: &mut Vec<u8>, e: &Entry<'_>) -> std::io::Result<()> {
+    write!(
+        out,
+        "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"",
+        humantime::format_rfc3339_micros(SystemTime::now())
+    )?;
+    write_escaped(out, e.method.as_bytes());
+    out.extend_from_slice(b"\",\"path\":\"");
+    write_escaped(out, e.path.as_bytes());
+    write!(out, "\",\"status\":{}", e.status)?;
+    if let Some(upstream) = e.upstream {
+        out.extend_from_slice(b",\"upstream_ms\":");
+        write_millis(out, upstream)?;
+    }
+    out.extend_from_slice(b",\"total_ms\":");
+    write_millis(out, e.total)?;
+    out.extend_from_slice(b",\"request_id\":\"");
+    write_escaped(out, e.request_id);
+    out.extend_from_slice(b"\"}\n");
+    Ok(())
+}
+
+fn write_text(out: &mut Vec<u8>, e: &Entry<'_>) -> std::io::Result<()> {
+    write!(
+        out,
+        "{}  INFO request method={} path=\"",
+        humantime::format_rfc3339_micros(SystemTime::now()),
+        e.method
+    )?;
+    write_escaped(out, e.path.as_bytes());
+    write!(out, "\" status={}", e.status)?;
+    if let Some(upstream) = e.upstream {
+        out.extend_from_slice(b" upstream_ms=");
+        write_millis(out, upstream)?;
+    }
+    out.extend_from_slice(b" total_ms=");
+    write_millis(out, e.total)?;
+    out.extend_from_slice(b" request_id=\"");
+    write_escaped(out, e.request_id);
+    out.extend_from_slice(b"\"\n");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            method: "GET",
+            path: "/seldon-deploy/api/v1alpha1/a%2Fb",
+            status: 200,
+            upstream: Some(Duration::from_micros(1234)),
+            total: Duration::from_micros(56_789),
+            request_id: b"id-\"1\"",
+        }
+    }
+
+    #[test]
+    fn json_lines_are_json_with_the_documented_fields() {
+        let mut out = Vec::new();
+        write_json(&mut out, &entry()).unwrap();
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/seldon-deploy/api/v1alpha1/a%2Fb");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["upstream_ms"], 1.234);
+        assert_eq!(v["total_ms"], 56.789);
+        assert_eq!(v["request_id"], "id-\"1\"");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+    }
+
+    #[test]
+    fn text_lines_quote_and_escape() {
+        let mut out = Vec::new();
+        let e = Entry {
+            upstream: None,
+            ..entry()
+        };
+        write_text(&mut out, &e).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.contains("  INFO request method=GET path=\"/seldon-deploy/api/v1alpha1/a%2Fb\" status=200 total_ms=56.789 request_id=\"id-\\\"1\\\"\"\n"), "{line}");
+        assert!(!line.contains("upstream_ms"));
+    }
+}
