@@ -32,6 +32,22 @@ const MIN_RETRY: Duration = Duration::from_millis(200);
 /// How often watched secret files are checked for changes.
 const FILE_POLL: Duration = Duration::from_secs(2);
 
+/// Raises a flag for as long as it lives.
+struct Flag<'a>(&'a AtomicBool);
+
+impl<'a> Flag<'a> {
+    fn raise(flag: &'a AtomicBool) -> Flag<'a> {
+        flag.store(true, Ordering::SeqCst);
+        Flag(flag)
+    }
+}
+
+impl Drop for Flag<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Why a request cannot have a credential right now.
 #[derive(Clone, Debug)]
 pub struct Unavailable {
@@ -53,6 +69,7 @@ enum Trigger {
 struct Failure {
     error: FetchError,
     attempts: u32,
+    failed_at: Instant,
     retry_at: Instant,
 }
 
@@ -70,6 +87,8 @@ pub struct CredentialManager {
     files_changed: AtomicBool,
     /// Set once the background task runs: failures are then retried, and logged as such.
     retrying: AtomicBool,
+    /// True while a call to the IdP is under way.
+    attempting: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +105,7 @@ impl CredentialManager {
             wake: Notify::new(),
             files_changed: AtomicBool::new(false),
             retrying: AtomicBool::new(false),
+            attempting: AtomicBool::new(false),
             metrics,
         })
     }
@@ -165,6 +185,14 @@ impl CredentialManager {
         (f.retry_at > Instant::now()).then(|| Self::unavailable(&f.error, f.retry_at))
     }
 
+    /// A failure recorded after `since`: whoever queued behind that attempt takes its
+    /// outcome instead of calling the IdP again at once.
+    fn failed_since(&self, since: Instant) -> Option<Unavailable> {
+        let failure = self.lock_failure();
+        let f = failure.as_ref()?;
+        (f.failed_at >= since).then(|| Self::unavailable(&f.error, f.retry_at))
+    }
+
     /// Records a failed attempt and schedules the next. A transient failure is retried with
     /// backoff, but never later than just before the held credential stops being usable, so
     /// an IdP that comes back in time causes no failed call.
@@ -197,6 +225,7 @@ impl CredentialManager {
         *failure = Some(Failure {
             error: error.clone(),
             attempts,
+            failed_at: Instant::now(),
             retry_at: Instant::now() + delay,
         });
     }
@@ -240,6 +269,14 @@ impl CredentialManager {
     /// Single-flight replacement of the credential of generation `seen`: callers queue on
     /// the cache entry, and whoever finds a newer usable credential takes it without a call.
     async fn refresh(&self, seen: u64, trigger: Trigger) -> Result<Arc<Credential>, Unavailable> {
+        // While the IdP is failing and another attempt is under way, a request does not queue
+        // behind it: it is answered at once.
+        if trigger == Trigger::Request && self.attempting.load(Ordering::SeqCst) {
+            if let Some(failure) = self.lock_failure().as_ref() {
+                return Err(Self::unavailable(&failure.error, failure.retry_at));
+            }
+        }
+        let queued_at = Instant::now();
         let outcome = self
             .cache
             .entry(self.key.clone())
@@ -259,7 +296,15 @@ impl CredentialManager {
                         return Err(unavailable);
                     }
                 }
-                match self.source.acquire(existing.as_deref()).await {
+                if let Some(unavailable) = self.failed_since(queued_at) {
+                    return Err(unavailable);
+                }
+                let attempt = {
+                    // Cleared on drop, also when the waiting caller goes away mid-attempt.
+                    let _attempting = Flag::raise(&self.attempting);
+                    self.source.acquire(existing.as_deref()).await
+                };
+                match attempt {
                     Ok(acquired) => {
                         self.metrics.token_request(acquired.grant, true);
                         if let Some(warning) = &acquired.warning {
