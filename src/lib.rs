@@ -120,6 +120,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let background = Shutdown::new();
     manager.spawn_background(background.clone());
+    spawn_memory_trim(background.clone());
 
     let stop_accepting = Shutdown::new();
     let max_idle = config.upstream_max_idle;
@@ -192,6 +193,26 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop,
         finished,
     })
+}
+
+/// After a burst of connections glibc keeps the freed heap; handing it back every few
+/// seconds lets the sidecar shrink to its idle size again (its memory limit is sized on that).
+fn spawn_memory_trim(shutdown: Shutdown) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+                    unsafe { libc::malloc_trim(0) };
+                }
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    });
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = shutdown;
 }
 
 /// A listen address as a person would write it.
