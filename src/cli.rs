@@ -121,6 +121,13 @@ pub fn warn_about_secrets(config: &Config) {
 
 /// Runs the proxy until SIGTERM or Ctrl-C, then drains and exits 0.
 pub async fn serve(config: Config) -> ExitCode {
+    let signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let running = match crate::start(config).await {
         Ok(running) => running,
         Err(e) => {
@@ -128,25 +135,34 @@ pub async fn serve(config: Config) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    wait_for_signal().await;
+    signals.wait().await;
     running.shutdown();
     running.wait().await;
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::error!("cannot listen for SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT, listened for from the moment this is made: make it before announcing
+/// that the proxy listens, so a signal sent right after that line is never lost.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves on SIGTERM or SIGINT.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("interrupt received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
 }
 

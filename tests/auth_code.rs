@@ -6,7 +6,11 @@
 /// Only the shared helpers these tests use (tests/common/mod.rs also lists the others').
 mod common {
     pub mod deps;
+    pub mod http;
     pub mod idp;
+    pub mod platform;
+    pub mod proxy;
+    pub mod proxy_child;
 }
 
 use std::os::unix::fs::PermissionsExt;
@@ -14,23 +18,20 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::http::client_with_timeout;
 use common::idp::{IdpOptions, TestIdp};
-use seldon_auth_proxy::config::{AuthMethod, Config, Settings};
-use seldon_auth_proxy::dev::platform::{self, DevPlatform, PlatformOptions};
+use common::platform::platform_for;
+use common::proxy::{free_port, loopback, Proxy};
+use common::proxy_child::command;
+use seldon_auth_proxy::config::{AuthMethod, Settings};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use url::Url;
 
 const CLIENT: &str = "sd-cli";
-const API: &str = "/seldon-deploy/api/v1alpha1";
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    client_with_timeout(Duration::from_secs(10))
 }
 
 async fn idp(lifetime: u64) -> TestIdp {
@@ -44,34 +45,20 @@ async fn idp(lifetime: u64) -> TestIdp {
     .await
 }
 
-async fn dev_platform(idp: &TestIdp) -> DevPlatform {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    platform::start(
-        listener,
-        PlatformOptions {
-            jwks_url: idp.jwks_uri.clone(),
-            issuer: Some(idp.issuer.clone()),
-        },
-    )
-    .await
-    .unwrap()
-}
-
-/// The binary with the auth_code settings, no inherited `SELDON_AUTH_PROXY_*` variable.
-fn binary(command: &str, upstream: &str, idp: &TestIdp, tokens: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_seldon-auth-proxy"));
-    cmd.arg(command)
-        .args(["--upstream", upstream, "--auth-method", "auth_code"])
+/// The binary (common::proxy_child::command) with the auth_code settings.
+fn binary(
+    subcommand: &str,
+    upstream: &str,
+    idp: &TestIdp,
+    tokens: &Path,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = command(&[subcommand]);
+    cmd.args(["--upstream", upstream, "--auth-method", "auth_code"])
         .args(["--oidc-server", &idp.issuer, "--client-id", CLIENT])
         .arg("--token-cache-file")
         .arg(tokens)
-        .args(extra)
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("SELDON_AUTH_PROXY_") {
-            cmd.env_remove(key);
-        }
-    }
+        .args(extra);
     cmd
 }
 
@@ -263,11 +250,7 @@ async fn login_receives_the_code_on_a_loopback_redirect_uri() {
     let idp = idp(60).await;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.json");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let redirect_uri = format!("http://127.0.0.1:{port}/callback");
     let login = start_login(binary(
         "login",
@@ -316,27 +299,20 @@ async fn call(client: &reqwest::Client, url: &str) -> (u16, String) {
 #[tokio::test]
 async fn serve_keeps_the_refresh_token_rotated_and_asks_for_login_when_it_is_refused() {
     let idp = idp(4).await;
-    let platform = dev_platform(&idp).await;
+    let platform = platform_for(&idp).await;
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.json");
     let first_refresh_token = login_by_pasting(&platform.url, &idp, &tokens).await;
 
-    let config = Config::from_settings(Settings {
-        upstream: Some(platform.url.clone()),
+    let proxy = Proxy::start(Settings {
         auth_method: Some(AuthMethod::AuthCode),
         oidc_server: Some(idp.issuer.clone()),
         client_id: Some(CLIENT.into()),
         token_cache_file: Some(tokens.clone()),
-        listen: Some("127.0.0.1:0".into()),
-        admin_listen: Some("127.0.0.1:0".into()),
-        workers: Some(1),
-        shutdown_delay: Some(Duration::from_millis(50)),
-        shutdown_grace: Some(Duration::from_secs(5)),
-        ..Settings::default()
+        ..loopback(&platform.url)
     })
-    .unwrap();
-    let running = seldon_auth_proxy::start(config).await.unwrap();
-    let url = format!("{}{API}/version", running.proxy_url().unwrap());
+    .await;
+    let url = proxy.api("/version");
     let client = http();
 
     // Across several 4 s token lifetimes, every call succeeds.
@@ -399,8 +375,7 @@ async fn serve_keeps_the_refresh_token_rotated_and_asks_for_login_when_it_is_ref
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    running.shutdown();
-    running.wait().await;
+    proxy.stop().await;
     platform.shutdown().await;
     idp.stop().await;
 }

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::dex::{DexFixture, DexOptions};
 use common::echo::EchoUpstream;
-use common::idp::{IdpOptions, IdpUser, TestIdp};
+use common::http::{client, send_json};
+use common::idp::{jwt_claims, IdpOptions, IdpUser, TestIdp};
 use common::proxy::{
-    client, command, idp_options, jwt_claims, run, run_command, secret_file, settings, Outcome,
-    Proxy, Served, CLIENT_ID, CLIENT_SECRET, ERROR_HEADER,
+    free_port, idp_options, secret_file, settings, Proxy, CLIENT_ID, CLIENT_SECRET, ERROR_HEADER,
 };
+use common::proxy_child::{command, run, run_command, Outcome, ProxyChild};
 
 const SECRET_ENV: (&str, &str) = ("SELDON_AUTH_PROXY_CLIENT_SECRET", CLIENT_SECRET);
 
@@ -352,35 +353,45 @@ async fn a_non_loopback_listener_is_refused_with_exit_2() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allowed_path_prefix_from_env_replaces_the_default_list() {
+/// An IdP, an echo upstream and `serve` on ephemeral ports with the test client, `extra` flags and the client
+/// secret (then `env`) in its environment; ready.
+async fn serve_echo(extra: &[&str], env: &[(&str, &str)]) -> (TestIdp, EchoUpstream, ProxyChild) {
     let idp = TestIdp::start(idp_options(60)).await;
     let echo = EchoUpstream::start().await;
-    let served = Served::spawn(
-        &[
-            "--upstream",
-            &echo.url,
-            "--oidc-server",
-            &idp.issuer,
-            "--client-id",
-            CLIENT_ID,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--shutdown-delay",
-            "10ms",
-        ],
-        &[
-            SECRET_ENV,
-            (
-                "SELDON_AUTH_PROXY_ALLOWED_PATH_PREFIX",
-                "/other/api,/second/api",
-            ),
-        ],
+    let mut args = vec![
+        "serve",
+        "--upstream",
+        &echo.url,
+        "--oidc-server",
+        &idp.issuer,
+        "--client-id",
+        CLIENT_ID,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend(extra);
+    let mut env_all = vec![SECRET_ENV];
+    env_all.extend(env);
+    let served = ProxyChild::spawn(&args, &env_all).await;
+    served
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("the proxy is ready within 10 s");
+    (idp, echo, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_path_prefix_from_env_replaces_the_default_list() {
+    let (idp, echo, served) = serve_echo(
+        &["--shutdown-delay", "10ms"],
+        &[(
+            "SELDON_AUTH_PROXY_ALLOWED_PATH_PREFIX",
+            "/other/api,/second/api",
+        )],
     )
     .await;
-    common::proxy::wait_ready(&served.admin, Duration::from_secs(10)).await;
     let http = client();
     let default = http
         .get(served.api("/namespaces/seldon/seldondeployments"))
@@ -395,7 +406,7 @@ async fn allowed_path_prefix_from_env_replaces_the_default_list() {
     assert_eq!(default.headers()[ERROR_HEADER], "path_not_allowed");
     for path in ["/other/api/x", "/second/api/y?z=1"] {
         let forwarded = http
-            .get(format!("{}{path}", served.url))
+            .get(format!("{}{path}", served.url()))
             .send()
             .await
             .unwrap();
@@ -416,29 +427,8 @@ async fn allowed_path_prefix_from_env_replaces_the_default_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line_with_one_access_line_per_request_and_no_token() {
-    let idp = TestIdp::start(idp_options(60)).await;
-    let echo = EchoUpstream::start().await;
-    let mut served = Served::spawn(
-        &[
-            "--upstream",
-            &echo.url,
-            "--oidc-server",
-            &idp.issuer,
-            "--client-id",
-            CLIENT_ID,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--shutdown-delay",
-            "10ms",
-        ],
-        &[SECRET_ENV],
-    )
-    .await;
-    common::proxy::wait_ready(&served.admin, Duration::from_secs(10)).await;
+    let (idp, echo, mut served) =
+        serve_echo(&["--log-format", "json", "--shutdown-delay", "10ms"], &[]).await;
     let http = client();
     let given = http
         .get(served.api("/namespaces/seldon/seldondeployments?limit=1"))
@@ -459,7 +449,7 @@ async fn json_logs_are_one_object_per_line_with_one_access_line_per_request_and_
         .unwrap()
         .to_owned();
     let refused = http
-        .get(format!("{}/not/forwarded", served.url))
+        .get(format!("{}/not/forwarded", served.url()))
         .send()
         .await
         .unwrap();
@@ -474,7 +464,7 @@ async fn json_logs_are_one_object_per_line_with_one_access_line_per_request_and_
         served.wait_exit(Duration::from_secs(15)).await.code(),
         Some(0)
     );
-    let lines = served.stderr();
+    let lines = served.stderr_lines();
     let token = echo.requests()[0]
         .header("authorization")
         .expect("the upstream got a token");
@@ -569,7 +559,7 @@ async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
         created.push(id);
     }
     let refused = http
-        .get(format!("{}/elsewhere", proxy.url))
+        .get(format!("{}/elsewhere", proxy.url()))
         .send()
         .await
         .unwrap();
@@ -598,30 +588,9 @@ async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_exits_0() {
     const DELAY: Duration = Duration::from_secs(2);
-    let idp = TestIdp::start(idp_options(60)).await;
-    let echo = EchoUpstream::start().await;
-    let mut served = Served::spawn(
-        &[
-            "--upstream",
-            &echo.url,
-            "--oidc-server",
-            &idp.issuer,
-            "--client-id",
-            CLIENT_ID,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--shutdown-delay",
-            "2s",
-            "--shutdown-grace",
-            "10s",
-        ],
-        &[SECRET_ENV],
-    )
-    .await;
-    common::proxy::wait_ready(&served.admin, Duration::from_secs(10)).await;
-    let proxy_addr = served.url.trim_start_matches("http://").to_owned();
+    let (idp, echo, mut served) =
+        serve_echo(&["--shutdown-delay", "2s", "--shutdown-grace", "10s"], &[]).await;
+    let proxy_addr = served.proxy;
 
     // A slow request (the upstream answers after 4 s) is in flight when SIGTERM arrives.
     let slow = {
@@ -644,7 +613,7 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
     let http = client();
     loop {
         let status = http
-            .get(format!("{}/readyz", served.admin))
+            .get(format!("{}/readyz", served.admin_url()))
             .send()
             .await
             .unwrap()
@@ -709,7 +678,7 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
         exit.code(),
         Some(0),
         "stderr:\n{}",
-        served.stderr().join("\n")
+        served.stderr_lines().join("\n")
     );
     assert!(
         exited < Duration::from_secs(9),
@@ -776,15 +745,6 @@ async fn login_through_the_browser(config: &str, env: &[(&str, &str)], cwd: &Pat
     }
 }
 
-/// A loopback port nothing listens on right now (for a redirect URI the IdP must be told in advance).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_config_passes_check_against_the_test_idp() {
     const SD_SECRET: &str = "sd-api-s3cret";
@@ -802,24 +762,29 @@ async fn every_example_config_passes_check_against_the_test_idp() {
     // session.toml logs in at the platform, behind Dex (as Kubeflow deploys it).
     let dex = DexFixture::start(DexOptions::new("pipeline-user@example.com", USER_PASSWORD)).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret_path = secret_file(dir.path(), "client-secret", &format!("{SD_SECRET}\n"));
-    let password_path = secret_file(dir.path(), "password", &format!("{USER_PASSWORD}\n"));
+    let secret_path = secret_file(
+        dir.path(),
+        "client-secret",
+        &format!("{SD_SECRET}\n"),
+        0o600,
+    );
+    let secret_path = secret_path.to_str().unwrap();
+    let password_path = secret_file(dir.path(), "password", &format!("{USER_PASSWORD}\n"), 0o600);
+    let password_path = password_path.to_str().unwrap();
     // A token for the static method, from the IdP.
-    let answer: serde_json::Value = client()
-        .post(&idp.token_endpoint)
-        .basic_auth("sd-api", Some(SD_SECRET))
-        .form(&[("grant_type", "client_credentials"), ("scope", "openid")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = send_json(
+        client()
+            .post(&idp.token_endpoint)
+            .basic_auth("sd-api", Some(SD_SECRET))
+            .form(&[("grant_type", "client_credentials"), ("scope", "openid")]),
+    )
+    .await;
     let static_token = answer["access_token"]
         .as_str()
         .expect("an access token")
         .to_owned();
-    let token_path = secret_file(dir.path(), "token", &format!("{static_token}\n"));
+    let token_path = secret_file(dir.path(), "token", &format!("{static_token}\n"), 0o600);
+    let token_path = token_path.to_str().unwrap();
     let redirect_uri = format!("http://127.0.0.1:{}/callback", free_port());
 
     let config_dir = common::deps::repo_root().join("config");
@@ -853,14 +818,12 @@ async fn every_example_config_passes_check_against_the_test_idp() {
             ("SELDON_AUTH_PROXY_OIDC_SERVER", idp.issuer.as_str()),
         ];
         match example.method.as_str() {
-            "client_credentials" => {
-                env.push(("SELDON_AUTH_PROXY_CLIENT_SECRET_FILE", &secret_path))
-            }
+            "client_credentials" => env.push(("SELDON_AUTH_PROXY_CLIENT_SECRET_FILE", secret_path)),
             "password_grant" => {
                 env.push(("SELDON_AUTH_PROXY_CLIENT_SECRET", SD_SECRET));
-                env.push(("SELDON_AUTH_PROXY_PASSWORD_FILE", &password_path));
+                env.push(("SELDON_AUTH_PROXY_PASSWORD_FILE", password_path));
             }
-            "static" => env.push(("SELDON_AUTH_PROXY_STATIC_TOKEN_FILE", &token_path)),
+            "static" => env.push(("SELDON_AUTH_PROXY_STATIC_TOKEN_FILE", token_path)),
             "auth_code" => {
                 // The example's redirect port (8085) may be taken here; the token file stays the example's
                 // relative path, under the temp dir.
@@ -876,7 +839,7 @@ async fn every_example_config_passes_check_against_the_test_idp() {
             }
             "session" => {
                 env[0] = ("SELDON_AUTH_PROXY_UPSTREAM", dex.url.as_str());
-                env.push(("SELDON_AUTH_PROXY_PASSWORD_FILE", &password_path));
+                env.push(("SELDON_AUTH_PROXY_PASSWORD_FILE", password_path));
             }
             other => panic!(
                 "config/{}: no test environment for auth_method {other}",

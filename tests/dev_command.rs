@@ -6,16 +6,19 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::proxy::{client, command, jwt_claims, ERROR_HEADER};
+use common::deps::python;
+use common::fault_upstream::unix_now_f;
+use common::http::{client, get_json, get_text};
+use common::idp::jwt_claims;
+use common::proxy::{API, ERROR_HEADER};
+use common::proxy_child::{collect, command, output_within, scrub_env, send_sigterm};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 
-const API: &str = "/seldon-deploy/api/v1alpha1";
 const TOKEN_LIFETIME_S: u64 = 4;
 
 /// What the banner says.
@@ -118,22 +121,10 @@ impl Dev {
             "--admin-listen",
             "127.0.0.1:0",
         ]);
-        command
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.args(extra);
         let mut child = command.spawn().expect("the binary runs");
         let pid = child.id().expect("a pid");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let stderr = stderr.clone();
-            let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            tokio::spawn(async move {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    stderr.lock().unwrap().push(line);
-                }
-            });
-        }
+        let (stderr, _) = collect(child.stderr.take().unwrap());
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut text = String::new();
         // The banner ends with the SDK example.
@@ -173,8 +164,7 @@ impl Dev {
 
     /// SIGTERM, then the exit code (within 15 s).
     async fn terminate(mut self) -> (Option<i32>, Duration) {
-        // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
-        let rc = unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        let rc = send_sigterm(self.pid);
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
         let sent = Instant::now();
         let status = match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
@@ -194,43 +184,16 @@ impl Dev {
 /// Runs a banner example with `sh -c`, with no `SELDON_AUTH_PROXY_*` or proxy variables from the test's
 /// environment and `python3` meaning the Python that has the SDK.
 async fn run_example(line: &str) -> (Option<i32>, String, String) {
-    let python = tokio::task::spawn_blocking(common::deps::python_with_sdk)
-        .await
-        .unwrap();
+    let python = python().await;
     let line = match line.strip_prefix("python3 ") {
         Some(rest) => format!("'{}' {rest}", python.display()),
         None => line.to_owned(),
     };
     let mut command = tokio::process::Command::new("sh");
-    command
-        .arg("-c")
-        .arg(&line)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        let key_text = key.to_string_lossy();
-        if key_text.starts_with("SELDON_AUTH_PROXY_")
-            || key_text.to_ascii_lowercase().ends_with("_proxy")
-        {
-            command.env_remove(&key);
-        }
-    }
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("the example finishes within 60s")
-        .expect("sh runs");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
+    command.arg("-c").arg(&line);
+    scrub_env(&mut command);
+    let outcome = output_within(command, Duration::from_secs(60)).await;
+    (outcome.code, outcome.stdout, outcome.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,14 +242,7 @@ async fn dev_on_port_zero_prints_a_banner_whose_examples_work_and_serves_seldon_
     assert_eq!(listed["kind"], "SeldonDeploymentList", "{listed}");
 
     // curl-equivalent calls through the proxy: the SeldonDeployment lifecycle, /user and /version.
-    let user: serde_json::Value = http
-        .get(dev.api("/user"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user = get_json(&http, &dev.api("/user")).await;
     assert_eq!(
         user["Id"],
         format!("service-account-{}", b.client_id),
@@ -306,20 +262,13 @@ async fn dev_on_port_zero_prints_a_banner_whose_examples_work_and_serves_seldon_
     });
     let created = http.post(&sdeps).json(&sdep).send().await.unwrap();
     assert_eq!(created.status(), 200);
-    let listed: serde_json::Value = http.get(&sdeps).send().await.unwrap().json().await.unwrap();
+    let listed = get_json(&http, &sdeps).await;
     assert_eq!(
         listed["items"].as_array().map(Vec::len),
         Some(1),
         "{listed}"
     );
-    let read: serde_json::Value = http
-        .get(format!("{sdeps}/iris-dev"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read = get_json(&http, &format!("{sdeps}/iris-dev")).await;
     assert_eq!(read["metadata"]["name"], "iris-dev");
     assert_eq!(read["spec"], sdep["spec"]);
     let deleted = http
@@ -344,28 +293,16 @@ async fn dev_on_port_zero_prints_a_banner_whose_examples_work_and_serves_seldon_
     );
 
     // The full SDK script, with no token.
-    let python = tokio::task::spawn_blocking(common::deps::python_with_sdk)
-        .await
-        .unwrap();
+    let python = python().await;
     let script = common::deps::repo_root().join("tests/python/sdk_through_proxy.py");
     let mut sdk = tokio::process::Command::new(python);
     sdk.arg(script)
         .env("SELDON_URL", &b.proxy)
-        .env("EXPECT_USER", format!("service-account-{}", b.client_id))
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(120), sdk.output())
-        .await
-        .unwrap()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .env("EXPECT_USER", format!("service-account-{}", b.client_id));
+    let sdk = output_within(sdk, Duration::from_secs(120)).await;
+    assert!(sdk.code == Some(0), "{}\n{}", sdk.stdout, sdk.stderr);
     assert_eq!(
-        stdout.lines().last(),
+        sdk.stdout.lines().last(),
         Some("SDK through proxy: all checks passed")
     );
 
@@ -437,7 +374,7 @@ async fn dev_platform_refuses_bad_tokens_while_the_proxy_keeps_working_across_li
     assert_eq!(fresh.status(), 200, "a fresh token is accepted");
 
     // The same token once expired (exp is whole seconds; zero leeway means refused from exp + 1).
-    let wait = (exp + 1.2 - unix_now()).max(0.0);
+    let wait = (exp + 1.2 - unix_now_f()).max(0.0);
     assert!(
         wait <= TOKEN_LIFETIME_S as f64 + 1.5,
         "the token lives {TOKEN_LIFETIME_S}s: wait {wait}s"
@@ -453,14 +390,7 @@ async fn dev_platform_refuses_bad_tokens_while_the_proxy_keeps_working_across_li
     assert!(expired.text().await.unwrap().contains("expired"));
 
     let (calls, failures) = load.await.unwrap();
-    let metrics = http
-        .get(format!("{}/metrics", b.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&http, &format!("{}/metrics", b.admin)).await;
     let token_requests: u64 = metrics
         .lines()
         .find_map(|l| {
@@ -500,14 +430,7 @@ async fn dev_with_the_password_grant_lends_the_printed_user() {
     let dev = Dev::start(&["--auth-method", "password_grant"]).await;
     let b = &dev.banner;
     assert!(b.text.contains("auth_method  password_grant"), "{}", b.text);
-    let user: serde_json::Value = client()
-        .get(dev.api("/user"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user = get_json(&client(), &dev.api("/user")).await;
     assert_eq!(user["Id"], b.username.as_str(), "the banner's user: {user}");
     let (code, _) = dev.terminate().await;
     assert_eq!(code, Some(0));

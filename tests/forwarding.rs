@@ -14,37 +14,19 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::echo::{pattern_bytes, ChannelBody, EchoUpstream};
 use common::gate::TcpGate;
-use common::idp::TestIdp;
+use common::http::{client, get_json};
+use common::idp::{jwt_claims, TestIdp};
+use common::platform::platform_for;
 use common::proxy::{
-    client, command, idp_options, jwt_claims, raw_http, run, run_command, settings, Proxy, API,
-    CLIENT_ID, CLIENT_SECRET, ERROR_HEADER, PASSWORD, SERVICE_ACCOUNT, USERNAME,
+    idp_options, settings, Proxy, API, CLIENT_ID, CLIENT_SECRET, ERROR_HEADER, PASSWORD,
+    SERVICE_ACCOUNT, USERNAME,
 };
-use seldon_auth_proxy::config::{AuthMethod, ListenAddr};
-use seldon_auth_proxy::dev::platform::{self, DevPlatform, PlatformOptions};
+use common::proxy_child::{command, run, run_command};
+use common::raw_http;
+use seldon_auth_proxy::config::AuthMethod;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIST: &str = "/namespaces/seldon/seldondeployments";
-
-/// The platform stand-in, verifying tokens against `idp`'s JWKS and issuer.
-async fn platform_for(idp: &TestIdp) -> DevPlatform {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    platform::start(
-        listener,
-        PlatformOptions {
-            jwks_url: idp.jwks_uri.clone(),
-            issuer: Some(idp.issuer.clone()),
-        },
-    )
-    .await
-    .expect("the platform stand-in starts")
-}
-
-fn proxy_addr(proxy: &Proxy) -> SocketAddr {
-    match proxy.running().proxy_addr {
-        ListenAddr::Tcp(addr) => addr,
-        ListenAddr::Unix(_) => unreachable!("the tests listen on TCP"),
-    }
-}
 
 /// The IdP's token endpoint, reached through `gate` instead.
 fn token_endpoint_via(idp: &TestIdp, gate: &TcpGate) -> String {
@@ -93,7 +75,7 @@ async fn cold_burst(via_discovery: bool) {
         s.token_endpoint = Some(token_endpoint_via(&idp, &gate));
     }
     let proxy = Proxy::start(s).await;
-    let addr = proxy_addr(&proxy);
+    let addr = proxy.proxy_addr();
     wait_until(
         "the proxy's first token request",
         Duration::from_secs(10),
@@ -117,7 +99,7 @@ async fn cold_burst(via_discovery: bool) {
             let mut bytes = Vec::new();
             stream.read_to_end(&mut bytes).await.expect("read");
             answered.fetch_add(1, Ordering::SeqCst);
-            common::proxy::parse_raw_response(&bytes).status
+            raw_http::parse_complete(&bytes).status
         });
     }
     wait_until("1000 requests written", Duration::from_secs(60), || {
@@ -189,7 +171,10 @@ async fn tokens_are_refreshed_across_ten_lifetimes_under_steady_load_without_a_f
     let idp = TestIdp::start(idp_options(LIFETIME_S)).await;
     let platform = platform_for(&idp).await;
     let proxy = Proxy::start(settings(&platform.url, &idp)).await;
-    proxy.wait_ready(Duration::from_secs(10)).await;
+    proxy
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("the proxy is ready within 10 s");
 
     let http = client();
     let url = proxy.api(LIST);
@@ -225,14 +210,7 @@ async fn tokens_are_refreshed_across_ten_lifetimes_under_steady_load_without_a_f
         failures.extend(f);
     }
     let token_requests = idp.token_requests("client_credentials").await;
-    let metrics = client()
-        .get(format!("{}/metrics", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     println!(
         "{RUN:?} of load with {LIFETIME_S}s tokens: {calls} calls, {} failed, {token_requests} token requests, \
          {} refused by the platform",
@@ -334,12 +312,7 @@ async fn a_wrong_client_secret_fails_check_with_the_idps_code_and_serve_answers_
     let message = body["message"].as_str().expect("a message");
     assert!(message.contains("unauthorized_client"), "{message}");
     assert!(!text.contains(WRONG), "the body shows the secret: {text}");
-    let readyz = client()
-        .get(format!("{}/readyz", proxy.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(readyz.status(), 503);
+    assert_eq!(proxy.readyz().await.0, 503);
     assert!(
         platform.requests_seen().is_empty(),
         "the platform was called without a credential"
@@ -363,8 +336,8 @@ async fn callers_authorization_and_cookies_are_replaced_by_the_idps_token() {
         "Authorization: Basic YWxpY2U6cHc=\r\nAuthorization: Bearer wrong-too\r\nCookie: a=1\r\nCookie: b=2\r\n",
     ];
     for (i, credentials) in callers.iter().enumerate() {
-        let response = raw_http(
-            &proxy.url,
+        let response = raw_http::send(
+            proxy.url(),
             &format!(
                 "GET {API}{LIST}?caller={i} HTTP/1.1\r\nHost: localhost\r\n{credentials}Connection: close\r\n\r\n"
             ),
@@ -391,8 +364,8 @@ async fn callers_authorization_and_cookies_are_replaced_by_the_idps_token() {
     // The echo upstream shows the exact header: one Authorization, the IdP's token.
     let echo = EchoUpstream::start().await;
     let to_echo = Proxy::start(settings(&echo.url, &idp)).await;
-    let response = raw_http(
-        &to_echo.url,
+    let response = raw_http::send(
+            to_echo.url(),
         &format!(
             "GET {API}/x HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \r\nAuthorization: Bearer wrong\r\nCookie: c=3\r\nConnection: close\r\n\r\n"
         ),
@@ -400,12 +373,7 @@ async fn callers_authorization_and_cookies_are_replaced_by_the_idps_token() {
     .await;
     assert_eq!(response.status, 200);
     let seen = echo.requests();
-    let authorization = seen[0].headers_named("authorization");
-    assert_eq!(authorization.len(), 1, "{authorization:?}");
-    let token = authorization[0]
-        .strip_prefix("Bearer ")
-        .expect("a bearer token");
-    let claims = jwt_claims(token).expect("a JWT");
+    let claims = seen[0].bearer_claims();
     assert_eq!(claims["iss"], idp.issuer.as_str());
     assert_eq!(claims["sub"], SERVICE_ACCOUNT);
     assert!(!seen[0].has_header("cookie"));
@@ -447,8 +415,8 @@ async fn paths_outside_the_prefix_are_refused_and_never_reach_the_platform() {
             "bad_request",
         ),
     ] {
-        let response = raw_http(
-            &proxy.url,
+        let response = raw_http::send(
+            proxy.url(),
             &format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
         )
         .await;
@@ -466,8 +434,8 @@ async fn paths_outside_the_prefix_are_refused_and_never_reach_the_platform() {
         platform.requests_seen()
     );
     // The same proxy does forward under the prefix.
-    let ok = raw_http(
-        &proxy.url,
+    let ok = raw_http::send(
+        proxy.url(),
         &format!("GET {API}/version HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
     )
     .await;
@@ -484,7 +452,10 @@ async fn echo_setup() -> (TestIdp, EchoUpstream, Proxy) {
     let idp = TestIdp::start(idp_options(300)).await;
     let echo = EchoUpstream::start().await;
     let proxy = Proxy::start(settings(&echo.url, &idp)).await;
-    proxy.wait_ready(Duration::from_secs(10)).await;
+    proxy
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("the proxy is ready within 10 s");
     (idp, echo, proxy)
 }
 
@@ -508,7 +479,7 @@ async fn targets_queries_and_small_bodies_pass_through_unchanged() {
         format!("POST {API}{LIST} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\n{{\"a\":\r\n2\r\n1}}\r\n0\r\n\r\n"),
     ];
     for request in &exchanges {
-        let response = raw_http(&proxy.url, request).await;
+        let response = raw_http::send(proxy.url(), request).await;
         assert_eq!(response.status, 200, "{request:?}: {response:?}");
     }
     let seen = echo.requests();
@@ -608,7 +579,7 @@ async fn five_megabyte_bodies_stream_both_ways_intact() {
 
     // Request: the caller sends 1 MB and holds the rest until the upstream has seen body bytes; a proxy
     // that buffered the whole body would never forward them and this would time out.
-    let stream = tokio::net::TcpStream::connect(proxy_addr(&proxy))
+    let stream = tokio::net::TcpStream::connect(proxy.proxy_addr())
         .await
         .unwrap();
     let (mut sender, connection) =
@@ -757,7 +728,7 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
     let (idp, echo, proxy) = echo_setup().await;
     let response_hops = "X-Echo-Header: connection: x-resp-hop\r\nX-Echo-Header: x-resp-hop: 1\r\nX-Echo-Header: keep-alive: timeout=99\r\nX-Echo-Header: proxy-authenticate: Basic realm=\"x\"\r\nX-Echo-Header: x-end-to-end: kept\r\n";
     // Control: the echo upstream really sends those headers.
-    let direct = raw_http(
+    let direct = raw_http::send(
         &echo.url,
         &format!("GET /x HTTP/1.1\r\nHost: localhost\r\n{response_hops}Connection: close\r\n\r\n"),
     )
@@ -769,8 +740,8 @@ async fn hop_by_hop_headers_are_dropped_both_ways() {
     );
     assert!(direct.header("proxy-authenticate").is_some(), "{direct:?}");
 
-    let response = raw_http(
-        &proxy.url,
+    let response = raw_http::send(
+            proxy.url(),
         &format!(
             "GET {API}/hops HTTP/1.1\r\nHost: localhost\r\n\
              Connection: close, x-hop-listed\r\nX-Hop-Listed: secret\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\n\
@@ -840,7 +811,7 @@ async fn connect_and_trace_get_405_and_are_not_forwarded() {
             .to_owned(),
         format!("TRACE {API}/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
     ] {
-        let response = raw_http(&proxy.url, &request).await;
+        let response = raw_http::send(proxy.url(), &request).await;
         assert_eq!(response.status, 405, "{request:?}: {response:?}");
         assert_eq!(
             response.header(ERROR_HEADER).as_deref(),
@@ -890,14 +861,7 @@ async fn readyz_waits_for_the_first_credential_and_metrics_use_the_documented_na
         .await
         .unwrap();
     assert_eq!(healthz.status(), 200, "alive while not ready");
-    let metrics = http
-        .get(format!("{}/metrics", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(metrics.contains("seldon_auth_proxy_ready 0\n"), "{metrics}");
     assert!(
         !metrics
@@ -907,15 +871,11 @@ async fn readyz_waits_for_the_first_credential_and_metrics_use_the_documented_na
     );
 
     gate.open();
-    proxy.wait_ready(Duration::from_secs(10)).await;
-    let body: serde_json::Value = http
-        .get(format!("{}/readyz", proxy.admin))
-        .send()
+    proxy
+        .wait_ready(Duration::from_secs(10))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect("the proxy is ready within 10 s");
+    let body = get_json(&http, &format!("{}/readyz", proxy.admin)).await;
     assert_eq!(body["ready"], true, "{body}");
     let expires_in = body["token_expires_in_seconds"]
         .as_f64()
@@ -927,7 +887,7 @@ async fn readyz_waits_for_the_first_credential_and_metrics_use_the_documented_na
         200
     );
     assert_eq!(
-        http.get(format!("{}/elsewhere", proxy.url))
+        http.get(format!("{}/elsewhere", proxy.url()))
             .send()
             .await
             .unwrap()
@@ -996,14 +956,7 @@ async fn the_password_grant_works_end_to_end_and_refreshes_with_refresh_tokens()
     s.password = Some(PASSWORD.into());
     let proxy = Proxy::start(s).await;
     let http = client();
-    let user: serde_json::Value = http
-        .get(proxy.api("/user"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let user = get_json(&http, &proxy.api("/user")).await;
     assert_eq!(user["Id"], USERNAME, "{user}");
     assert_eq!(user["Email"], "alice@example.com", "{user}");
     assert_eq!(idp.token_requests("password").await, 1);
@@ -1043,14 +996,7 @@ async fn the_password_grant_works_end_to_end_and_refreshes_with_refresh_tokens()
         && r.subject.is_some()
         && r.subject.as_deref() != Some(SERVICE_ACCOUNT)));
     assert_eq!(platform.rejected_count(), 0);
-    let metrics = http
-        .get(format!("{}/metrics", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = proxy.metrics().await;
     assert!(
         metrics.contains(
             "seldon_auth_proxy_token_requests_total{grant=\"password\",outcome=\"success\"} 1\n"

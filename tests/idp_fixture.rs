@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::idp::{IdpClient, IdpMode, IdpOptions, IdpUser, TestIdp};
+use common::http::{client_with_timeout, send_json};
+use common::idp::{jwt_claims, IdpClient, IdpMode, IdpOptions, IdpUser, TestIdp};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -17,6 +18,13 @@ const CLIENT: &str = "sd-api";
 const SECRET: &str = "s3:cr t/+%&";
 const PUBLIC: &str = "sd-cli";
 const REDIRECT: &str = "http://127.0.0.1:9/callback";
+/// bob's password grant through the public client.
+const BOB_PUBLIC_LOGIN: [(&str, &str); 4] = [
+    ("grant_type", "password"),
+    ("client_id", PUBLIC),
+    ("username", "bob"),
+    ("password", "builder"),
+];
 
 fn options() -> IdpOptions {
     IdpOptions::default()
@@ -31,12 +39,7 @@ fn options() -> IdpOptions {
 }
 
 fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    client_with_timeout(Duration::from_secs(10))
 }
 
 /// application/x-www-form-urlencoded encoding, as RFC 6749 asks for client credentials in HTTP Basic.
@@ -76,8 +79,7 @@ async fn get_json(url: &str) -> Value {
 }
 
 fn claims(jwt: &str) -> Value {
-    let payload = jwt.split('.').nth(1).expect("a JWT");
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+    jwt_claims(jwt).expect("a JWT")
 }
 
 /// Verifies an RS256 token against the IdP's JWKS and returns its claims.
@@ -350,15 +352,12 @@ async fn password_grant_checks_the_user_and_carries_its_claims() {
     let id = verified(&idp, body["id_token"].as_str().unwrap(), CLIENT).await;
     assert_eq!(id["sub"], access["sub"]);
 
-    let userinfo: Value = http()
-        .get(idp.userinfo_endpoint())
-        .bearer_auth(body["access_token"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let userinfo = send_json(
+        http()
+            .get(idp.userinfo_endpoint())
+            .bearer_auth(body["access_token"].as_str().unwrap()),
+    )
+    .await;
     assert_eq!(userinfo["preferred_username"], "alice");
     let forged = http()
         .get(idp.userinfo_endpoint())
@@ -369,17 +368,7 @@ async fn password_grant_checks_the_user_and_carries_its_claims() {
     assert_eq!(forged.status(), StatusCode::UNAUTHORIZED);
 
     // a public client sends its id only; without openid there is no id_token
-    let (status, body) = token(
-        &idp,
-        None,
-        &[
-            ("grant_type", "password"),
-            ("client_id", PUBLIC),
-            ("username", "bob"),
-            ("password", "builder"),
-        ],
-    )
-    .await;
+    let (status, body) = token(&idp, None, &BOB_PUBLIC_LOGIN).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body.get("id_token").is_none());
     assert_eq!(
@@ -478,12 +467,7 @@ async fn refresh_tokens_rotate_and_belong_to_their_client() {
 #[tokio::test]
 async fn refresh_tokens_stay_valid_without_rotation() {
     let idp = TestIdp::start(options().rotate_refresh_tokens(false)).await;
-    let login = [
-        ("grant_type", "password"),
-        ("client_id", PUBLIC),
-        ("username", "bob"),
-        ("password", "builder"),
-    ];
+    let login = BOB_PUBLIC_LOGIN;
     let (_, first) = token(&idp, None, &login).await;
     let first_refresh = first["refresh_token"].as_str().unwrap();
     assert_eq!(refresh(&idp, first_refresh).await.0, StatusCode::OK);
@@ -564,17 +548,7 @@ async fn stats_modes_lifetime_and_restart() {
     let cc = [("grant_type", "client_credentials")];
     token(&idp, Some((CLIENT, SECRET)), &cc).await;
     token(&idp, Some((CLIENT, "wrong")), &cc).await;
-    token(
-        &idp,
-        None,
-        &[
-            ("grant_type", "password"),
-            ("client_id", PUBLIC),
-            ("username", "bob"),
-            ("password", "builder"),
-        ],
-    )
-    .await;
+    token(&idp, None, &BOB_PUBLIC_LOGIN).await;
     let stats = idp.stats().await;
     assert_eq!(
         (

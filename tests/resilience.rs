@@ -8,29 +8,19 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::fault_upstream::{sha256_hex, unix_now, Fault, FaultUpstream};
-use common::idp::{IdpClient, IdpMode, IdpOptions, TestIdp};
-use common::proxy_inproc::{
-    client_credentials, error_kind, for_idp, free_port, metric, TestProxy, API,
+use common::fault_stack::{stack, stop_stack};
+use common::fault_upstream::{sha256_hex, unix_now, unix_now_f, Fault, FaultUpstream};
+use common::http::{client, get_text};
+use common::idp::{IdpClient, IdpMode, TestIdp};
+use common::proxy::{
+    client_credentials, error_kind, for_idp, free_port, idp_options, metric, Proxy, API,
 };
+use common::proxy_child::ProxyChild;
+use common::raw_http;
+use common::token_relay::TokenRelay;
 use seldon_auth_proxy::config::{AuthMethod, Settings};
-
-fn idp_options(lifetime: u64) -> IdpOptions {
-    IdpOptions::default()
-        .client("sdk", "s3cret")
-        .user("alice", "pw")
-        .token_lifetime(lifetime)
-}
-
-/// Unix time with sub-second precision.
-fn now_f() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
 
 /// One call through the proxy as the caller saw it.
 #[derive(Debug, Clone)]
@@ -41,8 +31,8 @@ struct Call {
     kind: Option<String>,
 }
 
-async fn call(proxy: &TestProxy, path: &str) -> Call {
-    let sent = now_f();
+async fn call(proxy: &Proxy, path: &str) -> Call {
+    let sent = unix_now_f();
     let (status, kind) = match proxy.http.get(proxy.api(path)).send().await {
         Ok(response) => {
             let kind = error_kind(&response);
@@ -54,7 +44,7 @@ async fn call(proxy: &TestProxy, path: &str) -> Call {
     };
     Call {
         sent,
-        done: now_f(),
+        done: unix_now_f(),
         status,
         kind,
     }
@@ -62,7 +52,7 @@ async fn call(proxy: &TestProxy, path: &str) -> Call {
 
 /// Runs `loops` concurrent call loops against `path` until `stop` is set, pausing `pause` between calls.
 fn call_loops(
-    proxy: Arc<TestProxy>,
+    proxy: Arc<Proxy>,
     path: &'static str,
     loops: usize,
     pause: Duration,
@@ -137,7 +127,7 @@ async fn idp_down_at_startup_then_started_on_its_port_makes_the_proxy_ready_with
         None,
     )
     .await;
-    let proxy = TestProxy::start(client_credentials(
+    let proxy = Proxy::start(client_credentials(
         &upstream.url(),
         &issuer,
         "sdk",
@@ -183,9 +173,7 @@ async fn idp_down_at_startup_then_started_on_its_port_makes_the_proxy_ready_with
     assert_eq!(response.status(), 200);
     assert_eq!(upstream.requests().len(), 1);
     assert!(upstream.requests()[0].subject.is_some());
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +181,7 @@ async fn idp_answering_503_at_startup_then_normal_makes_the_proxy_ready_without_
     let idp = TestIdp::start(idp_options(60)).await;
     idp.set_mode(IdpMode::Fail503).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
+    let proxy = Proxy::start(for_idp(&upstream.url(), &idp)).await;
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, body) = proxy.readyz().await;
@@ -241,9 +229,7 @@ async fn idp_answering_503_at_startup_then_normal_makes_the_proxy_ready_without_
         "ready only after {waited:?}"
     );
     assert_eq!(proxy.get("/x").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -253,15 +239,9 @@ async fn idp_answering_503_at_startup_then_normal_makes_the_proxy_ready_without_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_retries_back_off() {
     let lifetime = 8;
-    let options = idp_options(lifetime);
-    let idp = TestIdp::start(options.clone()).await;
+    let (idp, upstream, proxy) = stack(lifetime, |s| s).await;
     let port = idp.port;
-    let upstream = FaultUpstream::start(&idp).await;
-    let proxy = Arc::new(TestProxy::start(for_idp(&upstream.url(), &idp)).await);
-    proxy
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ready");
+    let proxy = Arc::new(proxy);
     assert_eq!(proxy.get("/x").await.status(), 200);
     let exp = upstream.requests()[0].exp.expect("a verified token") as f64;
 
@@ -280,7 +260,7 @@ async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_ret
         "seldon_auth_proxy_token_requests_total{grant=\"client_credentials\",outcome=\"error\"}",
     )
     .unwrap();
-    while now_f() < exp + 3.0 {
+    while unix_now_f() < exp + 3.0 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -295,7 +275,7 @@ async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_ret
     let late: Vec<&Call> = calls.iter().filter(|c| c.sent > exp + 0.5).collect();
     println!(
         "IdP stopped after the first token (exp in {:.1} s): {} calls before exp-skew, {} failed; {} calls after exp, statuses {}; {} failed token requests in {:.1} s",
-        exp - now_f() + (now_f() - calls[0].sent),
+        exp - unix_now_f() + (unix_now_f() - calls[0].sent),
         early.len(),
         early.iter().filter(|c| c.status != 200).count(),
         late.len(),
@@ -324,7 +304,7 @@ async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_ret
     );
 
     // Phase 2: the IdP comes back (new keys), then answers 503: count what reaches it.
-    let idp = TestIdp::start(options.port(port)).await;
+    let idp = TestIdp::start(idp_options(lifetime).port(port)).await;
     let waited = proxy
         .wait_ready(Duration::from_secs(15))
         .await
@@ -351,9 +331,7 @@ async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_ret
     idp.set_mode(IdpMode::Normal).await;
     assert!(proxy.wait_ready(Duration::from_secs(12)).await.is_some());
     assert_eq!(proxy.get("/x").await.status(), 200);
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 /// Token `exp` is whole seconds: a proxy that measures the remaining life against a whole-second clock believes a
@@ -364,7 +342,7 @@ async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_ret
 async fn the_proxy_never_sends_a_token_past_its_exp() {
     let idp = TestIdp::start(idp_options(4)).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = Arc::new(TestProxy::start(for_idp(&upstream.url(), &idp)).await);
+    let proxy = Arc::new(Proxy::start(for_idp(&upstream.url(), &idp)).await);
     proxy
         .wait_ready(Duration::from_secs(5))
         .await
@@ -372,7 +350,7 @@ async fn the_proxy_never_sends_a_token_past_its_exp() {
     assert_eq!(proxy.get("/warm-up").await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // ~0.6 s into a second: refuse the current token, so the next call fetches a new one within this second.
-    while !(0.60..0.70).contains(&now_f().fract()) {
+    while !(0.60..0.70).contains(&unix_now_f().fract()) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     upstream.revoke_issued_before(unix_now());
@@ -396,7 +374,7 @@ async fn the_proxy_never_sends_a_token_past_its_exp() {
         Duration::from_millis(20),
         stop.clone(),
     );
-    while now_f() < exp + 1.5 {
+    while unix_now_f() < exp + 1.5 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -428,9 +406,7 @@ async fn the_proxy_never_sends_a_token_past_its_exp() {
         expired.len(),
         passed_401.len()
     );
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 /// The IdP fails the scheduled refresh and two retries, then recovers while the held credential is still usable
@@ -442,7 +418,7 @@ async fn an_idp_back_before_the_held_credential_runs_out_causes_no_failed_call()
     let lifetime = 12.0;
     let idp = TestIdp::start(idp_options(lifetime as u64)).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = Arc::new(TestProxy::start(for_idp(&upstream.url(), &idp)).await);
+    let proxy = Arc::new(Proxy::start(for_idp(&upstream.url(), &idp)).await);
     proxy
         .wait_ready(Duration::from_secs(5))
         .await
@@ -474,10 +450,10 @@ async fn an_idp_back_before_the_held_credential_runs_out_causes_no_failed_call()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     idp.set_mode(IdpMode::Normal).await;
-    let back = now_f();
+    let back = unix_now_f();
     // The proxy stops using a 12 s token 1.2 s before its exp.
     let usable_until = exp - lifetime / 10.0;
-    while now_f() < exp + 3.0 {
+    while unix_now_f() < exp + 3.0 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -503,9 +479,7 @@ async fn an_idp_back_before_the_held_credential_runs_out_causes_no_failed_call()
         failed.len(),
         usable_until - back
     );
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -524,7 +498,7 @@ async fn a_refused_client_is_retried_at_most_once_a_minute_and_a_rotated_secret_
         client_secret_file: Some(secret_file.clone()),
         ..for_idp(&upstream.url(), &idp)
     };
-    let proxy = Arc::new(TestProxy::start(settings).await);
+    let proxy = Arc::new(Proxy::start(settings).await);
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loops = call_loops(
@@ -597,9 +571,7 @@ async fn a_refused_client_is_retried_at_most_once_a_minute_and_a_rotated_secret_
         upstream.requests()[0].subject.as_deref(),
         Some("service-account-sdk")
     );
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -608,19 +580,14 @@ async fn a_refused_client_is_retried_at_most_once_a_minute_and_a_rotated_secret_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_refresh_token_falls_back_to_the_password_grant_without_failed_calls() {
-    let idp = TestIdp::start(idp_options(4)).await;
-    let upstream = FaultUpstream::start(&idp).await;
-    let settings = Settings {
+    let (idp, upstream, proxy) = stack(4, |s| Settings {
         auth_method: Some(AuthMethod::PasswordGrant),
         username: Some("alice".into()),
         password: Some("pw".into()),
-        ..for_idp(&upstream.url(), &idp)
-    };
-    let proxy = Arc::new(TestProxy::start(settings).await);
-    proxy
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ready");
+        ..s
+    })
+    .await;
+    let proxy = Arc::new(proxy);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loops = call_loops(
         proxy.clone(),
@@ -681,9 +648,7 @@ async fn a_refused_refresh_token_falls_back_to_the_password_grant_without_failed
     let subjects: std::collections::BTreeSet<_> =
         upstream.requests().into_iter().map(|s| s.subject).collect();
     assert_eq!(subjects.len(), 1, "one identity throughout: {subjects:?}");
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -691,10 +656,10 @@ async fn a_refused_refresh_token_falls_back_to_the_password_grant_without_failed
 // ---------------------------------------------------------------------------------------------------------------
 
 /// A proxy with one token in use (iat at least a second ago), ready for `revoke_issued_before(unix_now())`.
-async fn warmed_up(workers: usize) -> (TestIdp, FaultUpstream, TestProxy) {
+async fn warmed_up(workers: usize) -> (TestIdp, FaultUpstream, Proxy) {
     let idp = TestIdp::start(idp_options(60)).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(Settings {
+    let proxy = Proxy::start(Settings {
         workers: Some(workers),
         ..for_idp(&upstream.url(), &idp)
     })
@@ -725,9 +690,7 @@ async fn an_upstream_401_is_replayed_once_with_a_fresh_token() {
         metric(&metrics, "seldon_auth_proxy_upstream_unauthorized_total"),
         Some(1.0)
     );
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 /// The refresh after an upstream 401 goes out on the pooled IdP connection, which the IdP (or a load balancer in
@@ -735,9 +698,9 @@ async fn an_upstream_401_is_replayed_once_with_a_fresh_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_401_is_replayed_even_when_the_pooled_idp_connection_went_stale() {
     let idp = TestIdp::start(idp_options(60)).await;
-    let relay = common::token_relay::TokenRelay::start(&idp.token_endpoint).await;
+    let relay = TokenRelay::start(&idp.token_endpoint).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(Settings {
+    let proxy = Proxy::start(Settings {
         oidc_server: None,
         token_endpoint: Some(relay.url()),
         ..for_idp(&upstream.url(), &idp)
@@ -760,9 +723,7 @@ async fn an_upstream_401_is_replayed_even_when_the_pooled_idp_connection_went_st
         status, 200,
         "the 401 was passed through because the refresh failed on a stale IdP connection"
     );
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -802,9 +763,7 @@ async fn a_hundred_concurrent_401s_on_one_credential_cost_one_token_request() {
         token_requests, 1,
         "many 401s on one credential must cause exactly one token request"
     );
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, Arc::try_unwrap(proxy).ok().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,7 +776,7 @@ async fn a_small_post_is_replayed_after_a_401_with_its_body_intact() {
     // A body with Content-Length (what SDKs send), then a chunked one in several pieces; each on a fresh proxy
     // (a credential is invalidated at most once per 5 s).
     for framing in ["content-length", "chunked"] {
-        let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
+        let proxy = Proxy::start(for_idp(&upstream.url(), &idp)).await;
         assert_eq!(proxy.get("/warm-up").await.status(), 200);
         tokio::time::sleep(Duration::from_millis(1100)).await;
         upstream.revoke_issued_before(unix_now());
@@ -835,7 +794,7 @@ async fn a_small_post_is_replayed_after_a_401_with_its_body_intact() {
             request.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
             request.extend_from_slice(&body);
         }
-        let response = common::raw_http::tcp(proxy.proxy_addr(), &request)
+        let response = raw_http::tcp(proxy.proxy_addr(), &request)
             .await
             .expect("a response");
         let seen = upstream.requests();
@@ -895,9 +854,7 @@ async fn a_large_post_is_not_replayed_and_its_401_passes_through() {
     let seen = upstream.requests();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(idp.total_token_requests().await, 1);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -938,9 +895,7 @@ async fn an_endpoint_that_always_answers_401_costs_at_most_one_token_request_per
         calls.len()
     );
     assert_eq!(proxy.get("/fine").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -949,10 +904,7 @@ async fn an_endpoint_that_always_answers_401_costs_at_most_one_token_request_per
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_closing_idle_connections_after_each_response_is_invisible() {
-    let idp = TestIdp::start(idp_options(60)).await;
-    let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
-    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
     upstream.close_after_response(Some(Duration::ZERO));
     // The upstream closes ~20 ms after each response; pauses around that make some requests go out on a pooled
     // connection just as the upstream closes it.
@@ -977,17 +929,12 @@ async fn an_upstream_closing_idle_connections_after_each_response_is_invisible()
         "{}",
         summarize(&calls)
     );
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotent_request_on_a_pooled_connection_closed_by_the_upstream_is_retried() {
-    let idp = TestIdp::start(idp_options(60)).await;
-    let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
-    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
     // Every request after the first on a connection is read and then the connection is closed unanswered: what
     // the proxy sees when the upstream's keep-alive timeout closes a pooled connection as the request goes out.
     upstream.drop_requests_on_reused_connections(true);
@@ -1003,9 +950,7 @@ async fn an_idempotent_request_on_a_pooled_connection_closed_by_the_upstream_is_
         "{}",
         summarize(&calls)
     );
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1014,10 +959,7 @@ async fn an_idempotent_request_on_a_pooled_connection_closed_by_the_upstream_is_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_is_502_until_it_comes_back() {
-    let idp = TestIdp::start(idp_options(60)).await;
-    let mut upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
-    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let (idp, mut upstream, proxy) = stack(60, |s| s).await;
     assert_eq!(proxy.get("/x").await.status(), 200);
     upstream.go_away().await;
     let started = Instant::now();
@@ -1041,9 +983,7 @@ async fn an_unreachable_upstream_is_502_until_it_comes_back() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,7 +992,7 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
     let upstream = FaultUpstream::start(&idp).await;
     upstream.add_fault("/slow", Fault::Stall(Some(Duration::from_secs(3))));
     upstream.add_fault("/never", Fault::Stall(None));
-    let proxy = TestProxy::start(Settings {
+    let proxy = Proxy::start(Settings {
         upstream_timeout: Some(Duration::from_secs(1)),
         ..for_idp(&upstream.url(), &idp)
     })
@@ -1069,9 +1009,7 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
         assert!((0.9..2.0).contains(&took), "504 after {took:.2} s");
     }
     assert_eq!(proxy.get("/fast").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1085,7 +1023,7 @@ async fn an_upstream_closing_mid_response_gives_a_truncated_body_not_a_hang() {
             sent: 1000,
         },
     );
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
+    let proxy = Proxy::start(for_idp(&upstream.url(), &idp)).await;
     proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
@@ -1108,18 +1046,16 @@ async fn an_upstream_closing_mid_response_gives_a_truncated_body_not_a_hang() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     // Also with a raw socket: the connection ends with fewer bytes than declared.
-    let raw = common::raw_http::tcp(
+    let raw = raw_http::tcp(
         proxy.proxy_addr(),
-        &common::raw_http::get(&format!("{API}/cut"), "127.0.0.1", &[]),
+        &raw_http::get(&format!("{API}/cut"), "127.0.0.1", &[]),
     )
     .await
     .expect("a head");
     assert_eq!(raw.header("content-length").as_deref(), Some("100000"));
     assert!(raw.body.len() < 100_000, "{} bytes", raw.body.len());
     assert_eq!(proxy.get("/fine").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1131,7 +1067,7 @@ async fn a_hanging_idp_costs_a_cold_request_at_most_the_idp_timeout() {
     let idp = TestIdp::start(idp_options(60)).await;
     idp.set_mode(IdpMode::Hang).await;
     let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(Settings {
+    let proxy = Proxy::start(Settings {
         idp_timeout: Some(Duration::from_secs(2)),
         ..for_idp(&upstream.url(), &idp)
     })
@@ -1171,9 +1107,7 @@ async fn a_hanging_idp_costs_a_cold_request_at_most_the_idp_timeout() {
     idp.set_mode(IdpMode::Normal).await;
     assert!(proxy.wait_ready(Duration::from_secs(12)).await.is_some());
     assert_eq!(proxy.get("/x").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1212,7 +1146,7 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
     )
     .unwrap();
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let proxy = common::proxy_child::ProxyChild::spawn(
+    let proxy = ProxyChild::spawn(
         &[
             "--upstream",
             &upstream.url(),
@@ -1230,7 +1164,7 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
         &[],
     )
     .await;
-    let http = common::proxy_inproc::client();
+    let http = client();
     let started = Instant::now();
     let mut statuses = std::collections::BTreeMap::<String, usize>::new();
     let mut message = String::new();
@@ -1249,14 +1183,7 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
         message = r.text().await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let metrics = http
-        .get(format!("{}/metrics", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&http, &format!("{}/metrics", proxy.admin_url())).await;
     let grant = |outcome: &str| {
         metric(&metrics, &format!("seldon_auth_proxy_token_requests_total{{grant=\"static_file\",outcome=\"{outcome}\"}}")).unwrap_or(-1.0)
     };
@@ -1317,21 +1244,14 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime() {
     let lifetime = 4;
-    let options = idp_options(lifetime);
-    let mut idp = Some(TestIdp::start(options.clone()).await);
-    let port = idp.as_ref().unwrap().port;
-    let upstream = FaultUpstream::start(idp.as_ref().unwrap()).await;
-    let proxy = Arc::new(
-        TestProxy::start(Settings {
-            workers: Some(2),
-            ..for_idp(&upstream.url(), idp.as_ref().unwrap())
-        })
-        .await,
-    );
-    proxy
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ready");
+    let (idp, upstream, proxy) = stack(lifetime, |s| Settings {
+        workers: Some(2),
+        ..s
+    })
+    .await;
+    let port = idp.port;
+    let mut idp = Some(idp);
+    let proxy = Arc::new(proxy);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loops = call_loops(
         proxy.clone(),
@@ -1357,7 +1277,7 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     let outage_started = Instant::now();
     idp.take().unwrap().stop().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    idp = Some(TestIdp::start(options.clone().port(port)).await);
+    idp = Some(TestIdp::start(idp_options(lifetime).port(port)).await);
     let outage = outage_started.elapsed();
     let back_at = Instant::now();
     let mut ready_after = None;
@@ -1387,8 +1307,8 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     if let (Some(first), Some(last)) = (failed.first(), failed.last()) {
         println!(
             "  failures from {:.2} s to {:.2} s after the outage began",
-            first.sent - (now_f() - outage_started.elapsed().as_secs_f64()),
-            last.sent - (now_f() - outage_started.elapsed().as_secs_f64())
+            first.sent - (unix_now_f() - outage_started.elapsed().as_secs_f64()),
+            last.sent - (unix_now_f() - outage_started.elapsed().as_secs_f64())
         );
     }
     assert!(calls.len() > 2000, "too little load: {}", calls.len());
@@ -1403,7 +1323,6 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
         "{} token requests for ~8 token lifetimes",
         before + after
     );
-    Arc::try_unwrap(proxy).ok().unwrap().stop().await;
-    upstream.stop().await;
-    idp.take().unwrap().stop().await;
+    let proxy = Arc::try_unwrap(proxy).ok().unwrap();
+    stop_stack(idp.take().unwrap(), upstream, proxy).await;
 }

@@ -4,54 +4,27 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::deps::python;
 use common::echo::EchoUpstream;
 use common::idp::TestIdp;
-use common::proxy::{idp_options, jwt_claims, settings, Proxy, SERVICE_ACCOUNT};
-use seldon_auth_proxy::dev::platform::{self, PlatformOptions};
+use common::platform::platform_for;
+use common::proxy::{idp_options, settings, Proxy, SERVICE_ACCOUNT};
+use common::proxy_child::{output_within, scrub_env};
 
 const FINAL_LINE: &str = "SDK through proxy: all checks passed";
 
-async fn python() -> PathBuf {
-    tokio::task::spawn_blocking(common::deps::python_with_sdk)
-        .await
-        .expect("a Python with seldon-deploy-sdk")
-}
-
-/// Runs Python with `args`, no proxy variables, and `env`; returns (exit code, stdout, stderr).
+/// Runs Python with `args`, no proxy variables, and `env` (at most 120 s); returns (exit code, stdout, stderr).
 async fn run_python(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = tokio::process::Command::new(python().await);
+    scrub_env(&mut command);
     command
         .args(args)
         .envs(env.iter().copied())
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        command.env_remove(var);
-    }
-    let child = command.spawn().expect("python runs");
-    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .expect("python finishes within 120s")
-        .expect("python's output");
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let outcome = output_within(command, Duration::from_secs(120)).await;
+    (outcome.code, outcome.stdout, outcome.stderr)
 }
 
 fn script() -> String {
@@ -66,23 +39,14 @@ async fn the_sdk_without_a_token_manages_seldon_deployments_through_the_proxy() 
     let python = python().await;
     println!("python: {}", python.display());
     let idp = TestIdp::start(idp_options(60)).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let platform = platform::start(
-        listener,
-        PlatformOptions {
-            jwks_url: idp.jwks_uri.clone(),
-            issuer: Some(idp.issuer.clone()),
-        },
-    )
-    .await
-    .unwrap();
+    let platform = platform_for(&idp).await;
     let proxy = Proxy::start(settings(&platform.url, &idp)).await;
 
     let started = std::time::Instant::now();
     let (code, stdout, stderr) = run_python(
         &[&script()],
         &[
-            ("SELDON_URL", proxy.url.as_str()),
+            ("SELDON_URL", proxy.url()),
             ("EXPECT_USER", SERVICE_ACCOUNT),
         ],
     )
@@ -162,7 +126,7 @@ async fn the_sdks_empty_bearer_is_replaced_by_the_idps_token() {
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     // Through the proxy.
     let (code, stdout, stderr) =
-        run_python(&["-c", read_version], &[("SELDON_URL", proxy.url.as_str())]).await;
+        run_python(&["-c", read_version], &[("SELDON_URL", proxy.url())]).await;
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
 
     let seen = echo.requests();
@@ -172,12 +136,7 @@ async fn the_sdks_empty_bearer_is_replaced_by_the_idps_token() {
         vec!["Bearer".to_owned()],
         "the SDK without a token sends an empty bearer (hyper trims the trailing space)"
     );
-    let through_proxy = seen[1].headers_named("authorization");
-    assert_eq!(through_proxy.len(), 1, "{through_proxy:?}");
-    let token = through_proxy[0]
-        .strip_prefix("Bearer ")
-        .expect("a bearer token");
-    let claims = jwt_claims(token).expect("a JWT");
+    let claims = seen[1].bearer_claims();
     assert_eq!(claims["iss"], idp.issuer.as_str());
     assert_eq!(claims["sub"], SERVICE_ACCOUNT);
     assert!(

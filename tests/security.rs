@@ -12,39 +12,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fault_stack::{stack, stop_stack};
 use common::fault_upstream::{Fault, FaultUpstream};
+use common::http::{client, get_json, get_text};
 use common::idp::{IdpOptions, TestIdp};
-use common::proxy_child::{self, ProxyChild};
-use common::proxy_inproc::{client, error_kind, for_idp, TestProxy, API};
+use common::proxy::{error_kind, for_idp, idp_options, secret_file, Proxy, API};
+use common::proxy_child::{run_within, ProxyChild};
 use common::raw_http::{self, RawResponse};
 use common::tls_certs::TestPki;
 use common::token_relay::TokenRelay;
 use seldon_auth_proxy::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn idp_options() -> IdpOptions {
-    IdpOptions::default()
-        .client("sdk", "s3cret")
-        .user("alice", "pw")
-}
-
-async fn stack(settings: impl FnOnce(Settings) -> Settings) -> (TestIdp, FaultUpstream, TestProxy) {
-    let idp = TestIdp::start(idp_options()).await;
-    let upstream = FaultUpstream::start(&idp).await;
-    let proxy = TestProxy::start(settings(for_idp(&upstream.url(), &idp))).await;
-    proxy
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ready");
-    (idp, upstream, proxy)
-}
-
-fn write_secret(dir: &Path, name: &str, value: &str, mode: u32) -> std::path::PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("{value}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Hostile requests
@@ -58,7 +36,7 @@ async fn raw_status(addr: SocketAddr, request: &[u8]) -> (u16, Option<RawRespons
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the_upstream() {
-    let (idp, upstream, proxy) = stack(|s| s).await;
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
     let addr = proxy.proxy_addr();
     let p = API;
     // (request target, expected status) for `GET <target> HTTP/1.1` with an allowed Host.
@@ -225,7 +203,7 @@ async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the
     proxy.stop().await;
 
     // Origins listed in --allowed-origin pass; others (and `null`) still do not.
-    let proxy = TestProxy::start(Settings {
+    let proxy = Proxy::start(Settings {
         allowed_origin: Some(vec!["http://localhost:3000".into()]),
         ..for_idp(&upstream.url(), &idp)
     })
@@ -242,9 +220,7 @@ async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the
         let (status, _) = raw_status(addr, &raw_http::get(&ok_target, "localhost", &[&line])).await;
         assert_eq!(status, expected, "Origin: {origin}");
     }
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +230,7 @@ async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the
 #[tokio::test]
 async fn a_listener_beyond_loopback_is_refused_without_allow_non_loopback() {
     for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.10:8080"] {
-        let finished = proxy_child::run(
+        let finished = run_within(
             &[
                 "--upstream",
                 "http://127.0.0.1:9",
@@ -292,7 +268,7 @@ async fn a_listener_beyond_loopback_is_refused_without_allow_non_loopback() {
 async fn a_unix_socket_listener_is_created_0600_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("p.sock");
-    let (idp, upstream, proxy) = stack(|s| Settings {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
         listen: Some(format!("unix:{}", socket.display())),
         ..s
     })
@@ -311,17 +287,15 @@ async fn a_unix_socket_listener_is_created_0600_and_serves() {
     assert_eq!(response.status, 200, "{}", response.head);
     assert_eq!(upstream.requests().len(), 1);
     assert!(upstream.requests()[0].subject.is_some());
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_inbound_token_is_required_and_never_forwarded() {
     let dir = tempfile::tempdir().unwrap();
     let local_secret = "local-inbound-secret-0123456789";
-    let file = write_secret(dir.path(), "inbound", local_secret, 0o600);
-    let (idp, upstream, proxy) = stack(|s| Settings {
+    let file = secret_file(dir.path(), "inbound", &format!("{local_secret}\n"), 0o600);
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
         inbound_token_file: Some(file.clone()),
         ..s
     })
@@ -368,9 +342,7 @@ async fn the_inbound_token_is_required_and_never_forwarded() {
             "{name} carries the local secret"
         );
     }
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -379,7 +351,7 @@ async fn the_inbound_token_is_required_and_never_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_credentials_never_reach_the_upstream_and_redirects_are_passed_back() {
-    let (idp, upstream, proxy) = stack(|s| s).await;
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
     let response = proxy
         .http
         .get(proxy.api("/x"))
@@ -446,9 +418,7 @@ async fn caller_credentials_never_reach_the_upstream_and_redirects_are_passed_ba
         vec![format!("{API}/moved-away"), format!("{API}/moved-here")],
         "the proxy followed a redirect"
     );
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -506,9 +476,19 @@ async fn redaction_cycle(log_format: &str, log_level: &str) {
     let upstream = FaultUpstream::start(&idp).await;
     upstream.add_fault("/always-401", Fault::Unauthorized);
     let dir = tempfile::tempdir().unwrap();
-    let secret_file = write_secret(dir.path(), "client-secret", &client_secret, 0o600);
-    let wrong_file = write_secret(dir.path(), "wrong-secret", &wrong_secret, 0o600);
-    let password_file = write_secret(dir.path(), "password", &password, 0o600);
+    let client_secret_file = secret_file(
+        dir.path(),
+        "client-secret",
+        &format!("{client_secret}\n"),
+        0o600,
+    );
+    let wrong_file = secret_file(
+        dir.path(),
+        "wrong-secret",
+        &format!("{wrong_secret}\n"),
+        0o600,
+    );
+    let password_file = secret_file(dir.path(), "password", &format!("{password}\n"), 0o600);
     let relay_url = relay.url();
     let upstream_url = upstream.url();
     let args = |secret: &Path| -> Vec<String> {
@@ -536,11 +516,24 @@ async fn redaction_cycle(log_format: &str, log_level: &str) {
         .map(|s| s.to_string())
         .collect()
     };
-    let mut serve_args = args(&secret_file);
-    serve_args
-        .extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].map(String::from));
-    let serve_args: Vec<&str> = serve_args.iter().map(String::as_str).collect();
-    let proxy = ProxyChild::spawn(&serve_args, &[]).await;
+    // `serve` on ephemeral ports, and `check`, with a client secret file.
+    let serve = |secret: &Path| {
+        let mut a = args(secret);
+        a.extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].map(String::from));
+        async move {
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            ProxyChild::spawn(&refs, &[]).await
+        }
+    };
+    let check = |secret: &Path| {
+        let mut a = vec!["check".to_owned()];
+        a.extend(args(secret));
+        async move {
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            run_within(&refs, &[], Duration::from_secs(30)).await
+        }
+    };
+    let proxy = serve(&client_secret_file).await;
     let http = client();
     let mut bodies = String::new();
     let started = Instant::now();
@@ -580,35 +573,13 @@ async fn redaction_cycle(log_format: &str, log_level: &str) {
         assert!(response.status >= 400);
         bodies.push_str(&response.body_text());
     }
-    bodies.push_str(
-        &http
-            .get(format!("{}/readyz", proxy.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
-    bodies.push_str(
-        &http
-            .get(format!("{}/metrics", proxy.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    bodies.push_str(&get_text(&http, &format!("{}/readyz", proxy.admin_url())).await);
+    bodies.push_str(&get_text(&http, &format!("{}/metrics", proxy.admin_url())).await);
     let served = proxy.terminate().await;
     assert_eq!(served.code, Some(0), "{}", served.stderr);
 
     // A proxy with the wrong client secret: its 503 bodies and logs.
-    let mut wrong_args = args(&wrong_file);
-    wrong_args
-        .extend(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].map(String::from));
-    let wrong_args_ref: Vec<&str> = wrong_args.iter().map(String::as_str).collect();
-    let wrong_proxy = ProxyChild::spawn(&wrong_args_ref, &[]).await;
+    let wrong_proxy = serve(&wrong_file).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let response = http
         .get(format!("{}{API}/x", wrong_proxy.url()))
@@ -619,39 +590,18 @@ async fn redaction_cycle(log_format: &str, log_level: &str) {
     let wrong_body = response.text().await.unwrap();
     assert!(wrong_body.contains("unauthorized_client"), "{wrong_body}");
     bodies.push_str(&wrong_body);
-    bodies.push_str(
-        &http
-            .get(format!("{}/readyz", wrong_proxy.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    );
+    bodies.push_str(&get_text(&http, &format!("{}/readyz", wrong_proxy.admin_url())).await);
     let wrong_served = wrong_proxy.terminate().await;
 
     // `check` with the wrong secret (fails) and with the right one (prints a summary).
-    let check_args = {
-        let mut a = vec!["check".to_owned()];
-        a.extend(args(&wrong_file));
-        a
-    };
-    let check_ref: Vec<&str> = check_args.iter().map(String::as_str).collect();
-    let wrong_check = proxy_child::run(&check_ref, &[], Duration::from_secs(30)).await;
+    let wrong_check = check(&wrong_file).await;
     assert_eq!(wrong_check.code, Some(1), "{}", wrong_check.output());
     assert!(
         wrong_check.output().contains("unauthorized_client"),
         "{}",
         wrong_check.output()
     );
-    let check_args = {
-        let mut a = vec!["check".to_owned()];
-        a.extend(args(&secret_file));
-        a
-    };
-    let check_ref: Vec<&str> = check_args.iter().map(String::as_str).collect();
-    let right_check = proxy_child::run(&check_ref, &[], Duration::from_secs(30)).await;
+    let right_check = check(&client_secret_file).await;
     assert_eq!(right_check.code, Some(0), "{}", right_check.output());
     assert!(
         right_check.stdout.contains("ok: obtained a credential"),
@@ -757,8 +707,8 @@ async fn secrets_on_the_command_line_and_loose_secret_files_are_warned_about() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let loose = write_secret(dir.path(), "loose-secret", "Flag-S3cret-xyz", 0o644);
-    let tight = write_secret(dir.path(), "tight-secret", "Flag-S3cret-xyz", 0o600);
+    let loose = secret_file(dir.path(), "loose-secret", "Flag-S3cret-xyz\n", 0o644);
+    let tight = secret_file(dir.path(), "tight-secret", "Flag-S3cret-xyz\n", 0o600);
     let base = [
         "check",
         "--upstream",
@@ -773,7 +723,7 @@ async fn secrets_on_the_command_line_and_loose_secret_files_are_warned_about() {
         args.extend(extra);
         async move {
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            proxy_child::run(&refs, &[], Duration::from_secs(30)).await
+            run_within(&refs, &[], Duration::from_secs(30)).await
         }
     };
     let flag = run(vec!["--client-secret".into(), "Flag-S3cret-xyz".into()]).await;
@@ -865,10 +815,10 @@ async fn tls_upstream(idp: &TestIdp, pki: &TestPki) -> FaultUpstream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_certificate_from_an_unknown_ca_is_refused_and_trusted_with_ca_file() {
     let pki = TestPki::generate();
-    let idp = TestIdp::start(idp_options()).await;
+    let idp = TestIdp::start(idp_options(60)).await;
     let upstream = tls_upstream(&idp, &pki).await;
     let port = upstream.addr.port();
-    let proxy = TestProxy::start(for_idp(&upstream.url(), &idp)).await;
+    let proxy = Proxy::start(for_idp(&upstream.url(), &idp)).await;
     proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
     let response = proxy.get("/x").await;
     assert_eq!(response.status(), 502);
@@ -889,7 +839,7 @@ async fn an_upstream_certificate_from_an_unknown_ca_is_refused_and_trusted_with_
         format!("https://127.0.0.1:{port}"),
         format!("https://localhost:{port}"),
     ] {
-        let proxy = TestProxy::start(Settings {
+        let proxy = Proxy::start(Settings {
             ca_file: Some(ca.clone()),
             ..for_idp(&upstream_url, &idp)
         })
@@ -906,7 +856,7 @@ async fn an_upstream_certificate_from_an_unknown_ca_is_refused_and_trusted_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_skip_verify_works_and_says_so_loudly() {
     let pki = TestPki::generate();
-    let idp = TestIdp::start(idp_options()).await;
+    let idp = TestIdp::start(idp_options(60)).await;
     let upstream = tls_upstream(&idp, &pki).await;
     let proxy = ProxyChild::spawn(
         &[
@@ -941,14 +891,7 @@ async fn insecure_skip_verify_works_and_says_so_loudly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200);
-    let readyz: serde_json::Value = http
-        .get(format!("{}/readyz", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let readyz = get_json(&http, &format!("{}/readyz", proxy.admin_url())).await;
     let finished = proxy.terminate().await;
     let warning = finished
         .stderr
@@ -987,7 +930,7 @@ async fn plain_http_to_another_machine_is_refused_at_start_up_unless_allowed() {
     let env = [("SELDON_AUTH_PROXY_CLIENT_SECRET", "s3cret")];
     let mut args = vec!["--upstream", "http://ml.example.com"];
     args.extend(common_args);
-    let refused = proxy_child::run(&args, &env, Duration::from_secs(20)).await;
+    let refused = run_within(&args, &env, Duration::from_secs(20)).await;
     println!(
         "plain http upstream: exit {:?}: {}",
         refused.code,
@@ -1006,7 +949,7 @@ async fn plain_http_to_another_machine_is_refused_at_start_up_unless_allowed() {
         "http://idp.example.com/auth/realms/x",
     ];
     args.extend(&common_args[2..]);
-    let refused = proxy_child::run(&args, &env, Duration::from_secs(20)).await;
+    let refused = run_within(&args, &env, Duration::from_secs(20)).await;
     assert_eq!(refused.code, Some(2), "{}", refused.output());
     assert!(refused.stderr.contains("oidc_server"), "{}", refused.stderr);
     // Allowed: it starts (and is stopped before anything is sent anywhere).
@@ -1023,7 +966,7 @@ async fn plain_http_to_another_machine_is_refused_at_start_up_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_head_over_max_header_bytes_gets_431() {
-    let (idp, upstream, proxy) = stack(|s| Settings {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
         max_header_bytes: Some(8192),
         ..s
     })
@@ -1058,9 +1001,7 @@ async fn a_request_head_over_max_header_bytes_gets_431() {
     .await;
     assert_eq!(status, 431, "many small headers over the limit");
     assert_eq!(upstream.requests().len(), 1);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 /// Seconds until the server closes `stream` (reads until EOF or an error), at most `limit`.
@@ -1083,7 +1024,7 @@ async fn seconds_until_closed(stream: &mut tokio::net::TcpStream, limit: Duratio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_head_is_cut_after_the_header_read_timeout() {
-    let (idp, upstream, proxy) = stack(|s| Settings {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
         header_read_timeout: Some(Duration::from_secs(1)),
         ..s
     })
@@ -1133,9 +1074,7 @@ async fn a_slowloris_head_is_cut_after_the_header_read_timeout() {
     assert!((0.8..2.5).contains(&cut), "{cut:.2} s");
     assert!(upstream.requests().is_empty());
     assert_eq!(proxy.get("/x").await.status(), 200);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 /// Reads one response with a Content-Length from a keep-alive connection, leaving it open.
@@ -1164,7 +1103,7 @@ async fn read_one_response(stream: &mut tokio::net::TcpStream, limit: Duration) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_in_the_backlog() {
-    let (idp, upstream, proxy) = stack(|s| Settings {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
         max_connections: Some(2),
         workers: Some(1),
         ..s
@@ -1210,9 +1149,7 @@ async fn connections_beyond_max_connections_wait_in_the_backlog() {
     }
     println!("max_connections 2: the 3rd and 4th connections waited, then were served {:.0} ms after the first two closed", released.elapsed().as_secs_f64() * 1e3);
     assert_eq!(upstream.requests().len(), 4);
-    proxy.stop().await;
-    upstream.stop().await;
-    idp.stop().await;
+    stop_stack(idp, upstream, proxy).await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -7,99 +7,31 @@
 mod common {
     pub mod deps;
     pub mod dex;
+    pub mod http;
+    pub mod idp;
+    pub mod proxy;
+    pub mod proxy_child;
 }
 
 use std::time::Duration;
 
+use common::deps::python;
 use common::dex::{DexFixture, DexOptions, API};
-use seldon_auth_proxy::config::{AuthMethod, Config, Settings};
-use seldon_auth_proxy::Running;
+use common::http::client;
+use common::proxy::{free_port, loopback, Proxy};
+use common::proxy_child::{output_within, run};
+use seldon_auth_proxy::config::{AuthMethod, Settings};
 
 const USER: &str = "admin@kubeflow.org";
 const PASSWORD: &str = "12341234-pass";
 const WRONG: &str = "not-the-password";
 
-/// The proxy running in this process.
-struct Proxy {
-    running: Running,
-    url: String,
-}
-
-impl Proxy {
-    async fn start(settings: Settings) -> Proxy {
-        let config = Config::from_settings(settings).expect("a valid configuration");
-        let running = seldon_auth_proxy::start(config)
-            .await
-            .expect("the proxy starts");
-        let url = running.proxy_url().expect("a TCP listener");
-        Proxy { running, url }
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("{}{API}{path}", self.url)
-    }
-
-    async fn stop(self) {
-        self.running.shutdown();
-        tokio::time::timeout(Duration::from_secs(30), self.running.wait())
-            .await
-            .expect("the proxy stops");
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-/// How a run of the binary ended.
-#[derive(Debug)]
-struct Outcome {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs the real binary to completion with no inherited `SELDON_AUTH_PROXY_*` variable.
-async fn run(args: &[&str], env: &[(&str, &str)]) -> Outcome {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_seldon-auth-proxy"));
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("SELDON_AUTH_PROXY_") {
-            command.env_remove(key);
-        }
-    }
-    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
-        .await
-        .expect("the binary finishes within 60s")
-        .expect("the binary runs");
-    Outcome {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
 fn settings(upstream: &str, password: &str) -> Settings {
     Settings {
-        upstream: Some(upstream.to_owned()),
         auth_method: Some(AuthMethod::Session),
         username: Some(USER.into()),
         password: Some(password.into()),
-        listen: Some("127.0.0.1:0".into()),
-        admin_listen: Some("127.0.0.1:0".into()),
-        workers: Some(1),
-        shutdown_delay: Some(Duration::from_millis(50)),
-        shutdown_grace: Some(Duration::from_secs(5)),
-        ..Settings::default()
+        ..loopback(upstream)
     }
 }
 
@@ -124,30 +56,20 @@ if cookie:
 "#;
 
 async fn run_sdk(url: &str, password: &str) -> String {
-    let python = tokio::task::spawn_blocking(common::deps::python_with_sdk)
-        .await
-        .expect("the SDK venv");
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new(python)
-            .arg("-c")
-            .arg(SDK_SCRIPT)
-            .env("DEX_URL", url)
-            .env("DEX_USER", USER)
-            .env("DEX_PASSWORD", password)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the SDK finishes")
-    .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut sdk = tokio::process::Command::new(python().await);
+    sdk.arg("-c")
+        .arg(SDK_SCRIPT)
+        .env("DEX_URL", url)
+        .env("DEX_USER", USER)
+        .env("DEX_PASSWORD", password);
+    let sdk = output_within(sdk, Duration::from_secs(120)).await;
     assert!(
-        output.status.success(),
-        "the SDK script failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        sdk.code == Some(0),
+        "the SDK script failed: {}\n{}",
+        sdk.stdout,
+        sdk.stderr
     );
-    stdout
+    sdk.stdout
 }
 
 #[tokio::test]
@@ -312,10 +234,7 @@ async fn check_names_the_failing_step_and_never_the_password() {
 async fn the_password_goes_only_to_a_host_of_the_redirect_chain() {
     // The login form posts to `localhost`, which the redirects (all to 127.0.0.1) never visited.
     let mut options = DexOptions::new(USER, PASSWORD);
-    let dex_port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let dex_port = free_port();
     options.form_action = Some(format!("http://localhost:{dex_port}/steal"));
     let dex = DexFixture::start(options).await;
     let out = run(

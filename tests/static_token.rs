@@ -4,23 +4,23 @@
 /// Only the shared helpers this test uses (tests/common/mod.rs also lists the others').
 mod common {
     pub mod deps;
+    pub mod http;
     pub mod idp;
+    pub mod platform;
+    pub mod proxy;
 }
 
 use std::time::Duration;
 
+use common::http::client;
 use common::idp::{IdpOptions, TestIdp};
-use seldon_auth_proxy::config::{AuthMethod, Config, Settings};
-use seldon_auth_proxy::dev::platform::{self, PlatformOptions};
-
-const API: &str = "/seldon-deploy/api/v1alpha1";
+use common::platform::platform_for;
+use common::proxy::{loopback, Proxy};
+use seldon_auth_proxy::config::{AuthMethod, Settings};
 
 /// An access token for `client` from the IdP's client_credentials grant.
 async fn token_for(idp: &TestIdp, client: &str, secret: &str) -> String {
-    let response = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let response = common::http::client()
         .post(&idp.token_endpoint)
         .basic_auth(client, Some(secret))
         .form(&[("grant_type", "client_credentials")])
@@ -41,16 +41,7 @@ async fn a_rewritten_static_token_file_is_used_within_seconds() {
             .token_lifetime(300),
     )
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let platform = platform::start(
-        listener,
-        PlatformOptions {
-            jwks_url: idp.jwks_uri.clone(),
-            issuer: Some(idp.issuer.clone()),
-        },
-    )
-    .await
-    .unwrap();
+    let platform = platform_for(&idp).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("token");
     std::fs::write(
@@ -59,20 +50,15 @@ async fn a_rewritten_static_token_file_is_used_within_seconds() {
     )
     .unwrap();
 
-    let config = Config::from_settings(Settings {
-        upstream: Some(platform.url.clone()),
+    let proxy = Proxy::start(Settings {
         auth_method: Some(AuthMethod::Static),
         static_token_file: Some(file.clone()),
-        listen: Some("127.0.0.1:0".into()),
-        admin_listen: Some("127.0.0.1:0".into()),
-        workers: Some(1),
-        shutdown_delay: Some(Duration::from_millis(50)),
-        ..Settings::default()
+        shutdown_grace: None,
+        ..loopback(&platform.url)
     })
-    .unwrap();
-    let running = seldon_auth_proxy::start(config).await.unwrap();
-    let url = format!("{}{API}/version", running.proxy_url().unwrap());
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    .await;
+    let url = proxy.api("/version");
+    let http = client();
     let subject_of_last_call = || {
         platform
             .requests_seen()
@@ -104,8 +90,7 @@ async fn a_rewritten_static_token_file_is_used_within_seconds() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    running.shutdown();
-    running.wait().await;
+    proxy.stop().await;
     platform.shutdown().await;
     idp.stop().await;
 }

@@ -37,6 +37,7 @@ pub async fn run(args: DevArgs, settings: Settings) -> ExitCode {
 
 async fn run_inner(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
     let started = Instant::now();
+    let signals = crate::cli::Signals::install()?;
     let method = settings
         .auth_method
         .unwrap_or(AuthMethod::ClientCredentials);
@@ -110,7 +111,7 @@ async fn run_inner(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
             ready_ms
         )
     );
-    crate::cli::wait_for_signal().await;
+    signals.wait().await;
     running.shutdown();
     running.wait().await;
     platform.shutdown().await;

@@ -97,6 +97,13 @@ pub fn python_with_sdk() -> PathBuf {
         .clone()
 }
 
+/// [`python_with_sdk`] from async code (the first call may install the SDK).
+pub async fn python() -> PathBuf {
+    tokio::task::spawn_blocking(python_with_sdk)
+        .await
+        .expect("a Python with seldon-deploy-sdk")
+}
+
 /// Runs a setup command to completion; panics with its output if it fails, or with what to install if it is missing.
 fn run(command: &mut Command, install_hint: &str) {
     let output = command.output().unwrap_or_else(|e| {

@@ -32,6 +32,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 
+use super::idp::jwt_claims;
+
 /// One request as it reached the echo upstream.
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -71,6 +73,16 @@ impl Seen {
         self.headers
             .iter()
             .any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+
+    /// The claims of the bearer JWT of the one `Authorization` header (asserted: exactly one, a bearer, a JWT).
+    pub fn bearer_claims(&self) -> serde_json::Value {
+        let authorization = self.headers_named("authorization");
+        assert_eq!(authorization.len(), 1, "{authorization:?}");
+        let token = authorization[0]
+            .strip_prefix("Bearer ")
+            .expect("a bearer token");
+        jwt_claims(token).expect("a JWT")
     }
 }
 

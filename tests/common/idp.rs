@@ -1,5 +1,5 @@
 //! Test harness for the Keycloak-like OpenID provider in tests/idp (keycloak-mock.js on npm's oauth2-mock-server):
-//! options mirroring the launcher's JSON config, start, the /__control/ endpoints, and stop.
+//! options mirroring the launcher's JSON config, start, the /__control/ endpoints, stop, and the claims of its tokens.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -12,6 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use super::deps;
+use super::http::client_with_timeout;
 
 /// An OAuth client of the realm; `secret: None` makes it a public client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -189,6 +190,19 @@ impl IdpStats {
     }
 }
 
+/// The claims of a JWT (unverified), or None when it is not one.
+pub fn jwt_claims(token: &str) -> Option<Value> {
+    use base64::Engine;
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[1])
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The line the launcher prints once it listens.
 #[derive(Deserialize)]
 struct Announcement {
@@ -267,11 +281,7 @@ impl TestIdp {
             options,
             child,
             _stdin: stdin,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .expect("reqwest client"),
+            http: client_with_timeout(Duration::from_secs(10)),
         }
     }
 
