@@ -227,12 +227,7 @@ fn summary(config: &Config, credential: &crate::credential::Credential) -> Strin
 
 /// The identity claims of a JWT (never its signature or the token itself).
 fn public_claims(token: &str) -> Option<String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let claims = crate::credential::lifetime::jwt_claims(token)?;
     let mut text = String::new();
     for key in ["iss", "sub", "preferred_username", "email", "aud", "azp"] {
         if let Some(value) = claims.get(key) {

@@ -16,7 +16,7 @@ pub const ENV_PREFIX: &str = "SELDON_AUTH_PROXY_";
 /// The platform's API root, forwarded by default.
 pub const DEFAULT_PATH_PREFIX: &str = "/seldon-deploy/api/v1alpha1";
 
-#[derive(Parser, Debug)]
+#[derive(Parser)]
 #[command(
     name = "seldon-auth-proxy",
     version,
@@ -102,7 +102,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Every setting, each optional so the layers can be merged. The same struct is read from
 /// the command line (with its environment variable) and from the TOML file.
-#[derive(Args, Deserialize, Debug, Default, Clone)]
+#[derive(Args, Deserialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// TOML file with settings (keys as the flags, with `_` for `-`).
@@ -349,6 +349,23 @@ pub struct Settings {
     /// Idle upstream connections kept per worker [default: 128].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM_MAX_IDLE")]
     pub upstream_max_idle: Option<usize>,
+}
+
+/// Debug output names what was given and never prints a secret.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| v.as_ref().map(|_| "[redacted]");
+        f.debug_struct("Settings")
+            .field("config", &self.config)
+            .field("upstream", &self.upstream)
+            .field("auth_method", &self.auth_method)
+            .field("oidc_server", &self.oidc_server)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &redacted(&self.client_secret))
+            .field("username", &self.username)
+            .field("password", &redacted(&self.password))
+            .finish_non_exhaustive()
+    }
 }
 
 macro_rules! overlay {
@@ -813,6 +830,17 @@ mod tests {
             client_secret: Some("s3cret".into()),
             ..Settings::default()
         }
+    }
+
+    #[test]
+    fn debug_never_prints_a_secret() {
+        let s = Settings {
+            password: Some("hunter2".into()),
+            ..base()
+        };
+        let text = format!("{s:?}");
+        assert!(!text.contains("s3cret") && !text.contains("hunter2"), "{text}");
+        assert!(text.contains("[redacted]"));
     }
 
     #[test]

@@ -43,8 +43,9 @@ impl Guard {
     ) -> Result<(), ProxyError> {
         let host = match headers.get(header::HOST) {
             Some(value) => value.to_str().map_err(|_| ProxyError::ForbiddenHost)?,
-            // HTTP/2 carries the authority in the URI; HTTP/1.0 may carry none at all,
-            // which no browser does, so a missing Host cannot be a rebinding attack there.
+            // Without a Host header only an absolute-form target carries an authority (and
+            // confine_path refuses those); HTTP/1.0 may carry none at all, which no browser
+            // does, so a missing Host cannot be a rebinding attack there.
             None => match uri.authority() {
                 Some(authority) => authority.as_str(),
                 None if version == Version::HTTP_10 => return Ok(()),

@@ -20,9 +20,9 @@ pub struct Schedule {
     pub expires_at_unix: u64,
 }
 
-/// The `exp` claim of a JWT, read without checking the signature (the proxy is the token's
-/// bearer, not its audience). `None` when the token is not a JWT or has no numeric `exp`.
-pub fn jwt_expiry(token: &str) -> Option<u64> {
+/// The claims of a JWT, read without checking the signature (the proxy is the token's bearer,
+/// not its audience). `None` when the token is not a JWT.
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
     let mut parts = token.split('.');
     let (_, payload, _) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() {
@@ -31,8 +31,12 @@ pub fn jwt_expiry(token: &str) -> Option<u64> {
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    match &claims["exp"] {
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `exp` claim of a JWT; `None` when the token is not a JWT or has no numeric `exp`.
+pub fn jwt_expiry(token: &str) -> Option<u64> {
+    match &jwt_claims(token)?["exp"] {
         serde_json::Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
         _ => None,
     }
@@ -44,13 +48,16 @@ fn precise_now() -> Duration {
         .unwrap_or_default()
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, by the local clock.
+pub fn unix_now() -> u64 {
     precise_now().as_secs()
 }
 
 /// The shortest lifetime scheduled, so a token already expired by the local clock cannot
 /// cause a busy loop of refreshes.
 const MIN_LIFETIME: Duration = Duration::from_secs(2);
+/// The longest lifetime scheduled.
+const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Lifetime of a token as seen now: from its JWT `exp`, else from `expires_in`.
 /// Returns the lifetime and a warning when the clock disagrees with the token.
@@ -93,7 +100,9 @@ impl Schedule {
     ///   than half the lifetime (so short tokens still get most of their life), then ±5% jitter.
     pub fn new(lifetime: Duration) -> Schedule {
         let now = Instant::now();
-        let lifetime = lifetime.max(MIN_LIFETIME);
+        // A token claiming to live for ages (or an IdP's absurd `expires_in`) must not
+        // overflow the clock arithmetic below; it is refreshed within a year anyway.
+        let lifetime = lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME);
         let skew = (lifetime / 10).min(Duration::from_secs(30));
         let target = lifetime.mul_f64(0.75);
         let latest = lifetime.saturating_sub(Duration::from_secs(60));
@@ -104,7 +113,7 @@ impl Schedule {
             expires_at: now + lifetime,
             usable_until: now + (lifetime - skew),
             refresh_at: now + refresh_after,
-            expires_at_unix: unix_now() + lifetime.as_secs(),
+            expires_at_unix: unix_now().saturating_add(lifetime.as_secs()),
         }
     }
 }
@@ -144,6 +153,16 @@ mod tests {
         let (life, warning) = lifetime(&token, None);
         assert_eq!(life, MIN_LIFETIME);
         assert!(warning.unwrap().contains("clock"));
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_not_overflowed() {
+        let token = jwt_with(serde_json::json!({ "exp": 1e300 }));
+        let (life, _) = lifetime(&token, None);
+        let s = Schedule::new(life);
+        assert!(s.expires_at - Instant::now() <= MAX_LIFETIME);
+        let s = Schedule::new(Duration::from_secs(u64::MAX));
+        assert!(s.refresh_at < s.usable_until);
     }
 
     #[test]

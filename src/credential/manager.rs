@@ -1,9 +1,10 @@
-//! The credential cache: moka holds the current credential; requests read it without
-//! waiting, a background task replaces it before expiry, and every fetch is single-flight.
+//! The credential cache: moka holds the current credential; requests read it without waiting
+//! while a usable one is held, a background task replaces it before expiry, and every fetch
+//! is single-flight.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -79,7 +80,9 @@ pub struct CredentialManager {
     /// The credential last put in the cache, for a lock-free read on every request.
     latest: ArcSwapOption<Credential>,
     key: Arc<str>,
-    source: Source,
+    source: Arc<Source>,
+    /// The runtime that runs the background task, and every call to the IdP.
+    runtime: OnceLock<tokio::runtime::Handle>,
     generation: AtomicU64,
     failure: Mutex<Option<Failure>>,
     last_invalidation: Mutex<Option<Instant>>,
@@ -98,7 +101,8 @@ impl CredentialManager {
             cache: Cache::builder().max_capacity(16).build(),
             latest: ArcSwapOption::empty(),
             key: Arc::from(source.identity()),
-            source,
+            source: Arc::new(source),
+            runtime: OnceLock::new(),
             generation: AtomicU64::new(0),
             failure: Mutex::new(None),
             last_invalidation: Mutex::new(None),
@@ -302,7 +306,21 @@ impl CredentialManager {
                 let attempt = {
                     // Cleared on drop, also when the waiting caller goes away mid-attempt.
                     let _attempting = Flag::raise(&self.attempting);
-                    self.source.acquire(existing.as_deref()).await
+                    // The call runs as its own task on the control runtime: it finishes even
+                    // when the waiting caller goes away (a refresh token the IdP rotated is
+                    // saved, never lost half-way), and file reads stay off the workers.
+                    let source = self.source.clone();
+                    let previous = existing.clone();
+                    let task = async move { source.acquire(previous.as_deref()).await };
+                    let handle = match self.runtime.get() {
+                        Some(runtime) => runtime.spawn(task),
+                        None => tokio::spawn(task),
+                    };
+                    handle.await.unwrap_or_else(|e| {
+                        Err(FetchError::transient(format!(
+                            "the credential task ended abnormally: {e}"
+                        )))
+                    })
                 };
                 match attempt {
                     Ok(acquired) => {
@@ -376,6 +394,7 @@ impl CredentialManager {
 
     /// Starts the background refresh loop and the secret-file watcher.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
+        let _ = self.runtime.set(tokio::runtime::Handle::current());
         self.retrying.store(true, Ordering::Relaxed);
         let manager = self.clone();
         let stop = shutdown.clone();

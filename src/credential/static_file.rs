@@ -30,10 +30,7 @@ impl StaticFile {
                 self.path.display()
             )));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = lifetime::unix_now();
         let life = match lifetime::jwt_expiry(token) {
             // Nobody will refresh a token in a file: once expired it is refused, not resent.
             Some(exp) if exp <= now => {

@@ -5,7 +5,6 @@ use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -53,13 +52,7 @@ struct OnDisk {
     saved_at: u64,
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use super::lifetime::unix_now;
 
 fn field_name(field: TokenField) -> &'static str {
     match field {
