@@ -839,7 +839,10 @@ mod tests {
             ..base()
         };
         let text = format!("{s:?}");
-        assert!(!text.contains("s3cret") && !text.contains("hunter2"), "{text}");
+        assert!(
+            !text.contains("s3cret") && !text.contains("hunter2"),
+            "{text}"
+        );
         assert!(text.contains("[redacted]"));
     }
 
