@@ -139,6 +139,9 @@ pub struct AuthCode {
     pub path: PathBuf,
     issuer: String,
     token_field: TokenField,
+    /// The last rotated refresh token could not be written: the one in memory is newer
+    /// than the file's, and presenting the file's would look like reuse to the IdP.
+    unsaved: std::sync::atomic::AtomicBool,
 }
 
 fn needs_login(message: String) -> FetchError {
@@ -161,6 +164,7 @@ impl AuthCode {
             path: token_file::resolve(auth.token_cache_file.as_deref())?,
             issuer,
             token_field: auth.token_field,
+            unsaved: false.into(),
         })
     }
 
@@ -224,7 +228,10 @@ impl AuthCode {
     }
 
     fn save(&self, acquired: &Acquired) {
-        if let Err(e) = token_file::save(&self.path, &self.stored(acquired)) {
+        let saved = token_file::save(&self.path, &self.stored(acquired));
+        self.unsaved
+            .store(saved.is_err(), std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = saved {
             tracing::warn!(
                 "cannot write the rotated refresh token to {}: {e}; the proxy keeps it in memory, but a restart will need `seldon-auth-proxy login`",
                 self.path.display()
@@ -244,9 +251,12 @@ impl AuthCode {
         }
         let held = previous.and_then(|c| c.refresh_token.clone());
         let mut tried: Vec<Secret> = Vec::new();
-        let mut candidate = stored
-            .and_then(|s| s.refresh_token)
-            .or_else(|| held.clone());
+        let from_file = stored.and_then(|s| s.refresh_token);
+        let mut candidate = if self.unsaved.load(std::sync::atomic::Ordering::SeqCst) {
+            held.clone().or(from_file)
+        } else {
+            from_file.or_else(|| held.clone())
+        };
         loop {
             let Some(refresh_token) = candidate.take() else {
                 return Err(needs_login(format!(
