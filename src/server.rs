@@ -44,31 +44,38 @@ pub fn bind(listen: &ListenAddr, workers: usize) -> anyhow::Result<(BoundListene
 
 /// Binds the admin listener; `[::]` accepts IPv4 too, so probes reach it on any cluster.
 pub fn bind_admin(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = tcp_socket("admin_listen", addr, false, 1024)?;
+    Ok(tokio::net::TcpListener::from_std(socket)?)
+}
+
+/// One of the workers' proxy sockets, all bound to the same port.
+fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    tcp_socket("listen", addr, true, 4096)
+}
+
+/// A non-blocking listening TCP socket; `[::]` is dual-stack. `setting` names the address in
+/// errors.
+fn tcp_socket(
+    setting: &str,
+    addr: SocketAddr,
+    reuse_port: bool,
+    backlog: i32,
+) -> anyhow::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         socket.set_only_v6(false)?;
     }
     socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket
-        .bind(&addr.into())
-        .map_err(|e| anyhow::anyhow!("admin_listen: cannot bind {addr}: {e}"))?;
-    socket.listen(1024)?;
-    Ok(tokio::net::TcpListener::from_std(socket.into())?)
-}
-
-fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
     socket
         .bind(&addr.into())
-        .map_err(|e| anyhow::anyhow!("listen: cannot bind {addr}: {e}"))?;
-    socket.listen(4096)?;
+        .map_err(|e| anyhow::anyhow!("{setting}: cannot bind {addr}: {e}"))?;
+    socket.listen(backlog)?;
     Ok(socket.into())
 }
 

@@ -310,13 +310,7 @@ impl AuthCode {
 mod tests {
     use super::*;
 
-    fn jwt(claims: serde_json::Value) -> String {
-        format!(
-            "{}.{}.sig",
-            URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        )
-    }
+    use crate::credential::lifetime::jwt_with as jwt;
 
     #[test]
     fn pkce_matches_the_rfc_7636_example() {

@@ -118,18 +118,20 @@ impl Schedule {
     }
 }
 
+/// An unsigned JWT with these claims, for unit tests.
+#[cfg(test)]
+pub(crate) fn jwt_with(claims: serde_json::Value) -> String {
+    let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.sig",
+        enc.encode(br#"{"alg":"RS256"}"#),
+        enc.encode(claims.to_string())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn jwt_with(claims: serde_json::Value) -> String {
-        let enc = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!(
-            "{}.{}.sig",
-            enc.encode(br#"{"alg":"RS256"}"#),
-            enc.encode(claims.to_string())
-        )
-    }
 
     #[test]
     fn expiry_comes_from_the_jwt_not_expires_in() {

@@ -197,10 +197,10 @@ impl CredentialManager {
         (f.failed_at >= since).then(|| Self::unavailable(&f.error, f.retry_at))
     }
 
-    /// Records a failed attempt and schedules the next. A transient failure is retried with
+    /// Records a failed attempt and schedules the next, returning when that is. A transient failure is retried with
     /// backoff, but never later than just before the held credential stops being usable, so
     /// an IdP that comes back in time causes no failed call.
-    fn record_failure(&self, error: &FetchError, held: Option<&Credential>) {
+    fn record_failure(&self, error: &FetchError, held: Option<&Credential>) -> Instant {
         let mut failure = self.lock_failure();
         let attempts = failure.as_ref().map(|f| f.attempts + 1).unwrap_or(1);
         let delay = match error.class {
@@ -226,12 +226,14 @@ impl CredentialManager {
         } else {
             self.log_failure(error, attempts, delay);
         }
+        let now = Instant::now();
         *failure = Some(Failure {
             error: error.clone(),
             attempts,
-            failed_at: Instant::now(),
-            retry_at: Instant::now() + delay,
+            failed_at: now,
+            retry_at: now + delay,
         });
+        now + delay
     }
 
     fn log_failure(&self, error: &FetchError, attempts: u32, delay: Duration) {
@@ -349,7 +351,6 @@ impl CredentialManager {
                             refresh_token: acquired.refresh_token,
                             grant: acquired.grant,
                             token: acquired.token,
-                            obtained_at: Instant::now(),
                         });
                         self.latest.store(Some(credential.clone()));
                         Ok(Op::Put(credential))
@@ -357,12 +358,7 @@ impl CredentialManager {
                     Err(error) => {
                         self.metrics
                             .token_request(self.source.primary_grant(), false);
-                        self.record_failure(&error, existing.as_deref());
-                        let retry_at = self
-                            .lock_failure()
-                            .as_ref()
-                            .map(|f| f.retry_at)
-                            .unwrap_or_else(Instant::now);
+                        let retry_at = self.record_failure(&error, existing.as_deref());
                         Err(Self::unavailable(&error, retry_at))
                     }
                 }

@@ -33,8 +33,6 @@ pub struct Credential {
     pub grant: &'static str,
     /// The bare token, for `token` and `check` (None for cookies).
     pub token: Option<Secret>,
-    /// When it was obtained.
-    pub obtained_at: Instant,
 }
 
 impl Credential {

@@ -114,8 +114,13 @@ impl Source {
     /// Obtains a credential: a refresh-token grant when the previous credential carries a
     /// refresh token (falling back to the full grant when it is refused), else the full grant.
     pub async fn acquire(&self, previous: Option<&Credential>) -> Result<Acquired, FetchError> {
-        let oidc = match self {
-            Source::ClientCredentials(oidc) | Source::Password { oidc, .. } => oidc,
+        let (oidc, user) = match self {
+            Source::ClientCredentials(oidc) => (oidc, None),
+            Source::Password {
+                oidc,
+                username,
+                password,
+            } => (oidc, Some((username, password))),
             Source::AuthCode(a) => return a.acquire(previous).await,
             Source::Session(s) => return s.acquire().await,
             Source::Static(s) => return s.acquire(),
@@ -132,25 +137,18 @@ impl Source {
                 Err(e) => return Err(e),
             }
         }
-        match self {
-            Source::ClientCredentials(oidc) => {
+        match user {
+            None => {
                 oidc.grant("client_credentials", oidc.client_credentials_form())
                     .await
             }
-            Source::Password {
-                oidc,
-                username,
-                password,
-            } => {
+            Some((username, password)) => {
                 let password = password.read().map_err(|e| {
                     FetchError::configuration(format!("cannot read password_file: {e}"))
                 })?;
                 oidc.grant("password", oidc.password_form(username, &password))
                     .await
             }
-            Source::AuthCode(a) => a.acquire(previous).await,
-            Source::Session(s) => s.acquire().await,
-            Source::Static(s) => s.acquire(),
         }
     }
 }
