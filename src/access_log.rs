@@ -1,5 +1,6 @@
 //! The access log: one line per proxied request, formatted straight into a per-thread buffer
-//! and handed to the log writer in batches, so that logging every request costs little.
+//! (no tracing event, no allocation for the formatting) and handed to the log writer before the
+//! response goes out, so lines keep the order requests were answered in.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -10,16 +11,11 @@ use tracing_appender::non_blocking::NonBlocking;
 
 use crate::config::LogFormat;
 
-/// Lines are handed to the writer when a thread's buffer holds this much, or at the latest
-/// every [`FLUSH_INTERVAL`].
-const BATCH_BYTES: usize = 16 * 1024;
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-
 /// The writer the rest of the log goes to, with its format; set by `logging::init`.
 static SINK: OnceLock<(NonBlocking, LogFormat)> = OnceLock::new();
 
 thread_local! {
-    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BATCH_BYTES));
+    static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
 /// Makes the access log write to the process's log writer (the same stream and format).
@@ -42,36 +38,21 @@ pub struct Entry<'a> {
     pub request_id: &'a [u8],
 }
 
-/// Appends one line for `entry` to this thread's buffer.
+/// Formats one line for `entry` and hands it to the log writer, whose thread writes lines
+/// whole, in the order they were handed over, and many per system call when they pile up.
 pub fn record(entry: &Entry<'_>) {
     let Some((writer, format)) = SINK.get() else {
         return;
     };
-    BUFFER.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
         let _ = match format {
-            LogFormat::Json => write_json(&mut buffer, entry),
-            LogFormat::Text => write_text(&mut buffer, entry),
+            LogFormat::Json => write_json(&mut line, entry),
+            LogFormat::Text => write_text(&mut line, entry),
         };
-        if buffer.len() >= BATCH_BYTES {
-            hand_over(&mut buffer, writer);
-        }
+        let _ = writer.clone().write_all(&line);
     });
-}
-
-/// Hands this thread's buffered lines to the writer.
-pub fn flush() {
-    if let Some((writer, _)) = SINK.get() {
-        BUFFER.with(|buffer| hand_over(&mut buffer.borrow_mut(), writer));
-    }
-}
-
-fn hand_over(buffer: &mut Vec<u8>, writer: &NonBlocking) {
-    if !buffer.is_empty() {
-        // One message to the writer thread, which writes messages whole and in order.
-        let _ = writer.clone().write_all(buffer);
-        buffer.clear();
-    }
 }
 
 fn write_millis(out: &mut Vec<u8>, d: Duration) -> std::io::Result<()> {

@@ -27,7 +27,12 @@ pub fn filter(level: &str) -> EnvFilter {
 pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stderr());
+        // The writer thread flushes whenever it has drained what was handed to it, so the
+        // buffer only merges lines that arrive together into one system call.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     crate::access_log::install(writer.clone(), format);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))

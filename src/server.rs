@@ -14,7 +14,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
-use crate::access_log;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
@@ -214,14 +213,6 @@ async fn accept_loop<A: Acceptor>(
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(settings.max_connections));
-    // This worker's access lines reach the log at least this often.
-    let flusher = tokio::spawn(async {
-        let mut tick = tokio::time::interval(access_log::FLUSH_INTERVAL);
-        loop {
-            tick.tick().await;
-            access_log::flush();
-        }
-    });
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         // hyper starts this clock whenever a connection waits for a request head, so it cuts
@@ -274,7 +265,5 @@ async fn accept_loop<A: Acceptor>(
             tracing::warn!("shutdown grace period ended with requests still in flight");
         }
     }
-    flusher.abort();
-    access_log::flush();
     Ok(())
 }

@@ -536,6 +536,56 @@ async fn json_logs_are_one_object_per_line_with_one_access_line_per_request_and_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_keep_the_order_of_one_callers_sequential_requests_across_workers() {
+    let (idp, echo, mut served) = serve_echo(
+        &[
+            "--log-format",
+            "json",
+            "--workers",
+            "2",
+            "--shutdown-delay",
+            "10ms",
+        ],
+        &[],
+    )
+    .await;
+    // A fresh connection per request, so that successive requests land on different workers.
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        let id = format!("sequential-{i:02}");
+        let answered = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+            .get(served.api("/namespaces/seldon/seldondeployments"))
+            .header("x-request-id", &id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answered.status(), 200);
+        sent.push(id);
+    }
+    served.sigterm();
+    assert_eq!(
+        served.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    let logged: Vec<String> = served
+        .stderr_lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|object| object["request_id"].as_str().map(str::to_owned))
+        .filter(|id| id.starts_with("sequential-"))
+        .collect();
+    assert_eq!(
+        logged, sent,
+        "access lines in the order requests were answered"
+    );
+    echo.stop().await;
+    idp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
     let idp = TestIdp::start(idp_options(60)).await;
     let echo = EchoUpstream::start().await;
