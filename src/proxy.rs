@@ -11,8 +11,6 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use url::Url;
 
@@ -23,10 +21,10 @@ use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::outbound::{is_stale_connection, UpstreamTcp};
+use crate::upstream_pool::{PooledBody, UpstreamError, UpstreamPool};
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
-type UpstreamClient = Client<HttpsConnector<UpstreamTcp>, ForwardBody>;
+pub type ResponseBody = Either<PooledBody, Full<Bytes>>;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -44,8 +42,8 @@ pub struct Upstream {
     base_path: String,
     /// The Host header sent (ingresses route by it).
     host: HeaderValue,
-    scheme: http::uri::Scheme,
-    authority: http::uri::Authority,
+    /// `scheme://authority`, what connections are opened to.
+    destination: Uri,
 }
 
 impl Upstream {
@@ -59,13 +57,13 @@ impl Upstream {
             url: url.clone(),
             base_path: url.path().trim_end_matches('/').to_owned(),
             host: HeaderValue::try_from(authority.as_str())?,
-            scheme: url.scheme().parse()?,
-            authority: authority.parse()?,
+            destination: origin.parse()?,
             origin,
         })
     }
 
-    /// The upstream URI for a caller's request target (already admitted by the guard).
+    /// The upstream request target, in origin form, for a caller's request target (already
+    /// admitted by the guard).
     fn uri(&self, target: &Uri) -> Result<Uri, ProxyError> {
         let cannot = || ProxyError::BadRequest("the request target cannot be forwarded".into());
         let path_and_query = target.path_and_query().cloned();
@@ -81,8 +79,6 @@ impl Upstream {
             Some(text.parse().map_err(|_| cannot())?)
         };
         let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(self.authority.clone());
         parts.path_and_query = path_and_query;
         Uri::from_parts(parts).map_err(|_| cannot())
     }
@@ -118,7 +114,7 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Forwarder {
     shared: Arc<Shared>,
-    client: UpstreamClient,
+    pool: Arc<UpstreamPool>,
 }
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -167,13 +163,13 @@ impl Forwarder {
         connector: HttpsConnector<UpstreamTcp>,
         max_idle: usize,
     ) -> Forwarder {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(UPSTREAM_IDLE)
-            .pool_max_idle_per_host(max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Forwarder { shared, client }
+        let pool = UpstreamPool::new(
+            connector,
+            shared.upstream.destination.clone(),
+            max_idle,
+            UPSTREAM_IDLE,
+        );
+        Forwarder { shared, pool }
     }
 
     /// Handles one request from a caller; never fails (errors become responses).
@@ -226,7 +222,7 @@ impl Forwarder {
         &self,
         request: Request<Incoming>,
         request_id: &HeaderValue,
-    ) -> Result<(Response<Incoming>, Duration), ProxyError> {
+    ) -> Result<(Response<PooledBody>, Duration), ProxyError> {
         let shared = &*self.shared;
         let (mut parts, body) = request.into_parts();
         shared
@@ -263,11 +259,14 @@ impl Forwarder {
 
         let sent = Instant::now();
         let idempotent = parts.method.is_idempotent();
-        let mut response = match self.send_once(Request::from_parts(parts, body)).await {
+        let mut response = match self
+            .send_once(Request::from_parts(parts, body), false)
+            .await
+        {
             Ok(response) => response,
             // A pooled connection the upstream had closed: an idempotent request whose body is
             // still at hand goes once more, on a fresh connection, invisibly.
-            Err(SendError::Client(e))
+            Err(SendError::Upstream(e))
                 if idempotent && !e.is_connect() && is_stale_connection(&e) =>
             {
                 let body = match &copy {
@@ -283,7 +282,8 @@ impl Forwarder {
                     credential.header_name.clone(),
                     credential.header_value.clone(),
                 );
-                self.send(rebuild(method, uri, headers, body)).await?
+                self.send_once(rebuild(method, uri, headers, body), true)
+                    .await?
             }
             Err(e) => return Err(e.into()),
         };
@@ -349,7 +349,7 @@ impl Forwarder {
 
     /// Whether the upstream refused the credential: a 401, or for a platform session a
     /// redirect into the login flow.
-    fn refused(&self, response: &Response<Incoming>) -> bool {
+    fn refused(&self, response: &Response<PooledBody>) -> bool {
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED {
             return true;
@@ -363,34 +363,44 @@ impl Forwarder {
                 .is_some_and(|l| session::is_login_redirect(l, &self.shared.upstream.url))
     }
 
-    /// Sends one request upstream, bounded by the response-head timeout.
+    /// Sends one request upstream, on a pooled connection or a `fresh` one, bounded by the
+    /// response-head timeout.
     async fn send_once(
         &self,
         request: Request<ForwardBody>,
-    ) -> Result<Response<Incoming>, SendError> {
+        fresh: bool,
+    ) -> Result<Response<PooledBody>, SendError> {
         let timeout = self.shared.upstream_timeout;
-        tokio::time::timeout(timeout, self.client.request(request))
-            .await
-            .map_err(|_| SendError::Timeout(timeout))?
-            .map_err(SendError::Client)
+        let sent = if fresh {
+            tokio::time::timeout(timeout, self.pool.send_fresh(request)).await
+        } else {
+            tokio::time::timeout(timeout, self.pool.send(request)).await
+        };
+        sent.map_err(|_| SendError::Timeout(timeout))?
+            .map_err(SendError::Upstream)
     }
 
-    async fn send(&self, request: Request<ForwardBody>) -> Result<Response<Incoming>, ProxyError> {
-        self.send_once(request).await.map_err(ProxyError::from)
+    async fn send(
+        &self,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, ProxyError> {
+        self.send_once(request, false)
+            .await
+            .map_err(ProxyError::from)
     }
 }
 
 /// Why a request got no response head from the upstream.
 enum SendError {
     Timeout(Duration),
-    Client(hyper_util::client::legacy::Error),
+    Upstream(UpstreamError),
 }
 
 impl From<SendError> for ProxyError {
     fn from(error: SendError) -> ProxyError {
         match error {
             SendError::Timeout(timeout) => ProxyError::UpstreamTimeout(timeout),
-            SendError::Client(e) => classify_upstream_error(e),
+            SendError::Upstream(e) => classify_upstream_error(e),
         }
     }
 }
@@ -410,7 +420,7 @@ fn rebuild(
 }
 
 /// Names what went wrong talking to the upstream without echoing anything sensitive.
-fn classify_upstream_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+fn classify_upstream_error(error: UpstreamError) -> ProxyError {
     let mut causes = String::new();
     let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
@@ -488,8 +498,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             uri.to_string(),
-            "http://127.0.0.1:9000/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2"
+            "/base/seldon-deploy/api/v1alpha1/a%2Fb?x=1&x=2"
         );
         assert_eq!(up.host, "127.0.0.1:9000");
+        assert_eq!(up.destination.to_string(), "http://127.0.0.1:9000/");
     }
 }

@@ -903,6 +903,32 @@ async fn an_endpoint_that_always_answers_401_costs_at_most_one_token_request_per
 // ---------------------------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_calls_reuse_one_upstream_connection_whatever_their_bodies() {
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
+    for i in 0..30 {
+        // Bodies read to their end, and answers without a body, both hand the connection back.
+        let response = if i % 3 == 2 {
+            proxy.http.head(proxy.api("/x")).send().await.unwrap()
+        } else {
+            proxy.get("/x").await
+        };
+        assert_eq!(response.status(), 200);
+        let _ = response.bytes().await.unwrap();
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 30);
+    assert_eq!(
+        upstream.connections(),
+        1,
+        "one caller connection, one upstream connection: {:?}",
+        seen.iter()
+            .map(|s| (s.connection, s.nth_on_connection))
+            .collect::<Vec<_>>()
+    );
+    stop_stack(idp, upstream, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_closing_idle_connections_after_each_response_is_invisible() {
     let (idp, upstream, proxy) = stack(60, |s| s).await;
     upstream.close_after_response(Some(Duration::ZERO));

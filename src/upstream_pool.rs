@@ -1,0 +1,238 @@
+//! One worker's upstream connections: HTTP/1.1 connections opened through the connector (TLS,
+//! outbound proxy), handed back when a response has been read to its end, reused while they
+//! stay open, and closed after sitting idle.
+//!
+//! Written on hyper's connection API rather than hyper-util's general-purpose client: a worker
+//! talks to one origin from one thread, so the general client's per-request work (a connector
+//! clone, a keyed pool lookup, a task spawned to watch each connection come back) buys nothing.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+use crate::body::ForwardBody;
+use crate::outbound::UpstreamTcp;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request got no response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to the upstream failed")]
+    Connect(#[source] BoxError),
+    #[error("the upstream connection failed")]
+    Request(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+struct IdleConnection {
+    sender: SendRequest<ForwardBody>,
+    since: Instant,
+}
+
+pub struct UpstreamPool {
+    connector: HttpsConnector<UpstreamTcp>,
+    /// `scheme://authority` of the upstream, what the connector dials.
+    destination: Uri,
+    /// Most recently used at the back (taken first, its socket is warm), oldest at the front.
+    idle: Mutex<VecDeque<IdleConnection>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    sweeper_started: std::sync::atomic::AtomicBool,
+}
+
+impl UpstreamPool {
+    pub fn new(
+        connector: HttpsConnector<UpstreamTcp>,
+        destination: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Arc<UpstreamPool> {
+        Arc::new(UpstreamPool {
+            connector,
+            destination,
+            idle: Mutex::new(VecDeque::new()),
+            max_idle,
+            idle_timeout,
+            sweeper_started: Default::default(),
+        })
+    }
+
+    /// Sends `request` (in origin form) on an idle connection, or a new one when none is left.
+    pub async fn send(
+        self: &Arc<Self>,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let sender = match self.checkout().await {
+            Some(sender) => sender,
+            None => self.connect().await?,
+        };
+        self.send_on(sender, request).await
+    }
+
+    /// Sends `request` on a connection opened for it (a retry after a stale pooled one).
+    pub async fn send_fresh(
+        self: &Arc<Self>,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let sender = self.connect().await?;
+        self.send_on(sender, request).await
+    }
+
+    async fn send_on(
+        self: &Arc<Self>,
+        mut sender: SendRequest<ForwardBody>,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::Request)?;
+        let (parts, inner) = response.into_parts();
+        let mut body = PooledBody {
+            inner,
+            owner: Some((sender, self.clone())),
+        };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    fn idle(&self) -> MutexGuard<'_, VecDeque<IdleConnection>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection that is still open and not past its idle time.
+    async fn checkout(&self) -> Option<SendRequest<ForwardBody>> {
+        loop {
+            let candidate = self.idle().pop_back()?;
+            if candidate.since.elapsed() >= self.idle_timeout || candidate.sender.is_closed() {
+                continue; // dropping the sender closes the connection
+            }
+            let mut sender = candidate.sender;
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // Handed back an instant ago: its connection task has yet to mark it ready, or
+            // finds it closed.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    fn give_back(&self, sender: SendRequest<ForwardBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle();
+        if idle.len() < self.max_idle {
+            idle.push_back(IdleConnection {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<SendRequest<ForwardBody>, UpstreamError> {
+        self.start_sweeper();
+        let io = self
+            .connector
+            .clone()
+            .oneshot(self.destination.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Closes connections idle too long even when no request comes to find them, until the
+    /// pool is dropped. Started by the first connection, on the worker's runtime.
+    fn start_sweeper(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeper_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool: Weak<UpstreamPool> = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { break };
+                let timeout = pool.idle_timeout;
+                pool.idle()
+                    .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+            }
+        });
+    }
+}
+
+/// A response body from a pooled connection: once read to its end, the connection goes back
+/// to the pool; dropped earlier, the connection closes (hyper cannot reuse it).
+pub struct PooledBody {
+    inner: Incoming,
+    owner: Option<(SendRequest<ForwardBody>, Arc<UpstreamPool>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((sender, pool)) = self.owner.take() {
+            pool.give_back(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.owner = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
