@@ -1,18 +1,28 @@
-//! The access log: one line per proxied request, formatted straight into a per-thread buffer
-//! (no tracing event, no allocation for the formatting) and handed to the log writer before the
-//! response goes out, so lines keep the order requests were answered in.
+//! The access log: one line per proxied request, formatted straight into a buffer (no tracing
+//! event, no allocation) that all workers share, so lines keep the order requests were answered
+//! in; the buffer reaches the log writer when it is full or when a worker runs out of work.
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tracing_appender::non_blocking::NonBlocking;
 
 use crate::config::LogFormat;
 
+/// The buffered lines are handed to the writer once they reach this size.
+const BATCH_BYTES: usize = 32 * 1024;
+
+struct Sink {
+    writer: NonBlocking,
+    format: LogFormat,
+    /// Lines not yet handed to the writer, in the order they were recorded.
+    pending: Mutex<Vec<u8>>,
+}
+
 /// The writer the rest of the log goes to, with its format; set by `logging::init`.
-static SINK: OnceLock<(NonBlocking, LogFormat)> = OnceLock::new();
+static SINK: OnceLock<Sink> = OnceLock::new();
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
@@ -20,7 +30,11 @@ thread_local! {
 
 /// Makes the access log write to the process's log writer (the same stream and format).
 pub fn install(writer: NonBlocking, format: LogFormat) {
-    let _ = SINK.set((writer, format));
+    let _ = SINK.set(Sink {
+        writer,
+        format,
+        pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+    });
 }
 
 /// Whether access lines have somewhere to go and info-level events of `access` are enabled.
@@ -38,21 +52,47 @@ pub struct Entry<'a> {
     pub request_id: &'a [u8],
 }
 
-/// Formats one line for `entry` and hands it to the log writer, whose thread writes lines
-/// whole, in the order they were handed over, and many per system call when they pile up.
+/// Records one line for `entry`, before its response goes out.
 pub fn record(entry: &Entry<'_>) {
-    let Some((writer, format)) = SINK.get() else {
+    let Some(sink) = SINK.get() else {
         return;
     };
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        let _ = match format {
+        let _ = match sink.format {
             LogFormat::Json => write_json(&mut line, entry),
             LogFormat::Text => write_text(&mut line, entry),
         };
-        let _ = writer.clone().write_all(&line);
+        let mut pending = sink.pending();
+        pending.extend_from_slice(&line);
+        if pending.len() >= BATCH_BYTES {
+            sink.hand_over(&mut pending);
+        }
     });
+}
+
+/// Hands the recorded lines to the log writer. Each proxy worker calls it before it sleeps,
+/// so at low load a line reaches the log as soon as its request is answered.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.hand_over(&mut sink.pending());
+    }
+}
+
+impl Sink {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with the buffer locked, so batches reach the writer in the order they were
+    /// filled; the writer thread writes each whole.
+    fn hand_over(&self, pending: &mut Vec<u8>) {
+        if !pending.is_empty() {
+            let _ = self.writer.clone().write_all(pending);
+            pending.clear();
+        }
+    }
 }
 
 fn write_millis(out: &mut Vec<u8>, d: Duration) -> std::io::Result<()> {

@@ -349,6 +349,14 @@ pub struct Settings {
     /// Idle upstream connections kept per worker [default: 128].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM_MAX_IDLE")]
     pub upstream_max_idle: Option<usize>,
+    /// Most requests in flight to the platform at once, shared out among the workers; more
+    /// wait for one to finish (within upstream_timeout) [default: 256].
+    #[arg(
+        long,
+        global = true,
+        env = "SELDON_AUTH_PROXY_UPSTREAM_MAX_CONNECTIONS"
+    )]
+    pub upstream_max_connections: Option<usize>,
 }
 
 /// Debug output names what was given and never prints a secret.
@@ -386,7 +394,7 @@ impl Settings {
             client_key, allow_plain_http, max_header_bytes, header_read_timeout, idle_timeout,
             upstream_connect_timeout, upstream_timeout, idp_timeout, max_connections,
             shutdown_delay, shutdown_grace, log_format, log_level, access_log, workers,
-            upstream_max_idle)
+            upstream_max_idle, upstream_max_connections)
     }
 
     /// Reads a TOML settings file; unknown keys and bad values name the key.
@@ -489,6 +497,7 @@ pub struct Config {
     pub access_log: bool,
     pub workers: usize,
     pub upstream_max_idle: usize,
+    pub upstream_max_connections: usize,
 }
 
 fn parse_url(key: &str, text: &str) -> Result<Url, ConfigError> {
@@ -743,6 +752,10 @@ impl Config {
         if workers == 0 || workers > 256 {
             return Err(bad("workers: must be between 1 and 256"));
         }
+        let upstream_max_connections = s.upstream_max_connections.unwrap_or(256);
+        if upstream_max_connections == 0 {
+            return Err(bad("upstream_max_connections: must be at least 1"));
+        }
         let log_level = s.log_level.unwrap_or_else(|| "info".into());
         if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(bad(format!(
@@ -800,6 +813,7 @@ impl Config {
             access_log: s.access_log.unwrap_or(true),
             workers,
             upstream_max_idle: s.upstream_max_idle.unwrap_or(128),
+            upstream_max_connections,
         })
     }
 }

@@ -124,10 +124,16 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     spawn_memory_trim(background.clone());
 
     let stop_accepting = Shutdown::new();
-    let max_idle = config.upstream_max_idle;
+    let pool_limits = upstream_pool::Limits {
+        max_idle: config.upstream_max_idle,
+        max_in_flight: config
+            .upstream_max_connections
+            .div_ceil(listeners.workers())
+            .max(1),
+    };
     let workers_done = server::spawn_workers(
         listeners,
-        || Forwarder::new(shared.clone(), connector.clone(), max_idle),
+        || Forwarder::new(shared.clone(), connector.clone(), pool_limits),
         server::WorkerSettings {
             limits: config.limits.clone(),
             max_connections: config.limits.max_connections,

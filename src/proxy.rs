@@ -21,7 +21,7 @@ use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::outbound::{is_stale_connection, UpstreamTcp};
-use crate::upstream_pool::{PooledBody, UpstreamError, UpstreamPool};
+use crate::upstream_pool::{self, PooledBody, UpstreamError, UpstreamPool};
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
 pub type ResponseBody = Either<PooledBody, Full<Bytes>>;
@@ -161,12 +161,12 @@ impl Forwarder {
     pub fn new(
         shared: Arc<Shared>,
         connector: HttpsConnector<UpstreamTcp>,
-        max_idle: usize,
+        limits: upstream_pool::Limits,
     ) -> Forwarder {
         let pool = UpstreamPool::new(
             connector,
             shared.upstream.destination.clone(),
-            max_idle,
+            limits,
             UPSTREAM_IDLE,
         );
         Forwarder { shared, pool }

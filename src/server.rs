@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
+use crate::access_log;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
@@ -22,6 +23,16 @@ use crate::proxy::Forwarder;
 pub enum BoundListeners {
     Tcp(Vec<std::net::TcpListener>),
     Unix(std::os::unix::net::UnixListener),
+}
+
+impl BoundListeners {
+    /// How many workers will serve these listeners (one per socket).
+    pub fn workers(&self) -> usize {
+        match self {
+            BoundListeners::Tcp(sockets) => sockets.len(),
+            BoundListeners::Unix(_) => 1,
+        }
+    }
 }
 
 /// Binds the proxy listener: `workers` TCP sockets sharing one port, or one Unix socket
@@ -133,6 +144,7 @@ pub fn spawn_workers(
                 .spawn(move || {
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
+                        .on_thread_park(access_log::flush)
                         .build()
                     {
                         Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
@@ -265,5 +277,6 @@ async fn accept_loop<A: Acceptor>(
             tracing::warn!("shutdown grace period ended with requests still in flight");
         }
     }
+    access_log::flush();
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! One worker's upstream connections: HTTP/1.1 connections opened through the connector (TLS,
 //! outbound proxy), handed back when a response has been read to its end, reused while they
-//! stay open, and closed after sitting idle.
+//! stay open, closed after sitting idle, and no more requests in flight than a set limit (so
+//! a thousand callers do not open a thousand upstream connections, each with its buffers).
 //!
 //! Written on hyper's connection API rather than hyper-util's general-purpose client: a worker
 //! talks to one origin from one thread, so the general client's per-request work (a connector
@@ -18,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
@@ -41,6 +43,15 @@ impl UpstreamError {
     }
 }
 
+/// How far one worker's pool may grow.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Idle connections kept for reuse.
+    pub max_idle: usize,
+    /// Requests in flight at once; a request beyond it waits for one to finish.
+    pub max_in_flight: usize,
+}
+
 struct IdleConnection {
     sender: SendRequest<ForwardBody>,
     since: Instant,
@@ -53,6 +64,7 @@ pub struct UpstreamPool {
     /// Most recently used at the back (taken first, its socket is warm), oldest at the front.
     idle: Mutex<VecDeque<IdleConnection>>,
     max_idle: usize,
+    in_flight: Arc<Semaphore>,
     idle_timeout: Duration,
     sweeper_started: std::sync::atomic::AtomicBool,
 }
@@ -61,14 +73,15 @@ impl UpstreamPool {
     pub fn new(
         connector: HttpsConnector<UpstreamTcp>,
         destination: Uri,
-        max_idle: usize,
+        limits: Limits,
         idle_timeout: Duration,
     ) -> Arc<UpstreamPool> {
         Arc::new(UpstreamPool {
             connector,
             destination,
             idle: Mutex::new(VecDeque::new()),
-            max_idle,
+            max_idle: limits.max_idle,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
             idle_timeout,
             sweeper_started: Default::default(),
         })
@@ -79,11 +92,12 @@ impl UpstreamPool {
         self: &Arc<Self>,
         request: Request<ForwardBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        let permit = self.admit().await?;
         let sender = match self.checkout().await {
             Some(sender) => sender,
             None => self.connect().await?,
         };
-        self.send_on(sender, request).await
+        self.send_on(permit, sender, request).await
     }
 
     /// Sends `request` on a connection opened for it (a retry after a stale pooled one).
@@ -91,12 +105,30 @@ impl UpstreamPool {
         self: &Arc<Self>,
         request: Request<ForwardBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        let permit = self.admit().await?;
         let sender = self.connect().await?;
-        self.send_on(sender, request).await
+        self.send_on(permit, sender, request).await
+    }
+
+    /// A place among the requests in flight, held until the response body ends.
+    async fn admit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => Ok(permit),
+            Err(_) => {
+                tracing::debug!("upstream_max_connections reached; the request waits");
+                // Fails only if the semaphore were closed, which it never is.
+                self.in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| UpstreamError::Connect(Box::new(e)))
+            }
+        }
     }
 
     async fn send_on(
         self: &Arc<Self>,
+        permit: OwnedSemaphorePermit,
         mut sender: SendRequest<ForwardBody>,
         request: Request<ForwardBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -108,6 +140,7 @@ impl UpstreamPool {
         let mut body = PooledBody {
             inner,
             owner: Some((sender, self.clone())),
+            _permit: permit,
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -199,6 +232,8 @@ impl UpstreamPool {
 pub struct PooledBody {
     inner: Incoming,
     owner: Option<(SendRequest<ForwardBody>, Arc<UpstreamPool>)>,
+    /// Counts this request in flight until the body ends or is dropped.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl PooledBody {

@@ -929,6 +929,77 @@ async fn sequential_calls_reuse_one_upstream_connection_whatever_their_bodies() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_upstream_timeout() {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
+        workers: Some(1),
+        upstream_max_connections: Some(2),
+        upstream_timeout: Some(Duration::from_secs(2)),
+        ..s
+    })
+    .await;
+    upstream.add_fault("/slow", Fault::Stall(Some(Duration::from_millis(300))));
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let url = proxy.api("/slow");
+        calls.spawn(async move {
+            let response = reqwest::Client::new().get(url).send().await.unwrap();
+            response.status().as_u16()
+        });
+    }
+    let statuses = calls.join_all().await;
+    let took = started.elapsed();
+    assert_eq!(statuses, vec![200; 8]);
+    assert!(
+        upstream.connections() <= 2,
+        "{} upstream connections for a limit of 2",
+        upstream.connections()
+    );
+    // Eight 300 ms calls, two at a time: they queued rather than being refused or run at once.
+    assert!(took >= Duration::from_millis(1100), "took {took:?}");
+
+    // Two responses whose bodies never end hold both places; a call that never gets one
+    // answers 504 once upstream_timeout has passed.
+    upstream.add_fault(
+        "/endless",
+        Fault::StallMidResponse {
+            declared: 1000,
+            sent: 10,
+        },
+    );
+    let mut hogs = Vec::new();
+    for _ in 0..2 {
+        let response = proxy.get("/endless").await;
+        assert_eq!(response.status(), 200);
+        hogs.push(response);
+    }
+    let started = Instant::now();
+    let waited = reqwest::Client::new()
+        .get(proxy.api("/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status(), 504);
+    assert_eq!(error_kind(&waited).as_deref(), Some("upstream_timeout"));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Once a caller gives up on its endless body, its place is free again.
+    drop(hogs.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let freed = reqwest::Client::new()
+        .get(proxy.api("/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(freed.status(), 200);
+    drop(hogs);
+    stop_stack(idp, upstream, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_closing_idle_connections_after_each_response_is_invisible() {
     let (idp, upstream, proxy) = stack(60, |s| s).await;
     upstream.close_after_response(Some(Duration::ZERO));

@@ -74,6 +74,8 @@ pub enum Fault {
     Stall(Option<Duration>),
     /// Send the head with `Content-Length: declared` and `sent` bytes of body, then close the connection.
     CloseMidResponse { declared: usize, sent: usize },
+    /// The same, but the connection stays open and the rest of the body never comes.
+    StallMidResponse { declared: usize, sent: usize },
     /// 302 with this `Location`.
     Redirect(String),
     /// This status with a small JSON body.
@@ -491,7 +493,10 @@ async fn handle(
             tokio::time::sleep(delay).await;
             json_response(StatusCode::OK, ok_body)
         }
-        Some(Fault::CloseMidResponse { declared, sent }) => {
+        Some(
+            ref fault @ (Fault::CloseMidResponse { declared, sent }
+            | Fault::StallMidResponse { declared, sent }),
+        ) => {
             seen.status = 200;
             lock(&state.seen).push(seen);
             let part = Bytes::from(vec![b'x'; sent.min(declared)]);
@@ -501,7 +506,9 @@ async fn handle(
             response
                 .headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(declared));
-            let _ = orders.send(ConnectionOrder::CloseAfter(Duration::from_millis(200)));
+            if matches!(fault, Fault::CloseMidResponse { .. }) {
+                let _ = orders.send(ConnectionOrder::CloseAfter(Duration::from_millis(200)));
+            }
             return response;
         }
         Some(Fault::Redirect(location)) => {
