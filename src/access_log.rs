@@ -60,10 +60,10 @@ pub fn record(entry: &Entry<'_>) {
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        let _ = match sink.format {
+        match sink.format {
             LogFormat::Json => write_json(&mut line, entry),
             LogFormat::Text => write_text(&mut line, entry),
-        };
+        }
         let mut pending = sink.pending();
         pending.extend_from_slice(&line);
         if pending.len() >= BATCH_BYTES {
@@ -95,13 +95,72 @@ impl Sink {
     }
 }
 
-fn write_millis(out: &mut Vec<u8>, d: Duration) -> std::io::Result<()> {
-    let micros = d.as_micros();
-    write!(out, "{}.{:03}", micros / 1000, micros % 1000)
+thread_local! {
+    /// `YYYY-MM-DDTHH:MM:SS` of the last second a line was stamped in, formatted once.
+    static SECOND: RefCell<(u64, [u8; 19])> = const { RefCell::new((u64::MAX, [0; 19])) };
+}
+
+/// Appends `n` in decimal.
+fn write_number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Appends `d` in milliseconds with three decimals (`12.345`).
+fn write_millis(out: &mut Vec<u8>, d: Duration) {
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    write_number(out, micros / 1000);
+    let fraction = micros % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ]);
+}
+
+/// Appends the current time as RFC 3339 in UTC with microseconds (`2026-11-28T04:02:25.230979Z`).
+fn write_timestamp(out: &mut Vec<u8>) {
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let seconds = since_epoch.as_secs();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != seconds {
+            let text = humantime::format_rfc3339_seconds(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
+            )
+            .to_string();
+            cached.1.copy_from_slice(&text.as_bytes()[..19]);
+            cached.0 = seconds;
+        }
+        out.extend_from_slice(&cached.1);
+    });
+    let micros = since_epoch.subsec_micros();
+    let mut fraction = [b'.', 0, 0, 0, 0, 0, 0, b'Z'];
+    for (i, slot) in fraction[1..7].iter_mut().enumerate() {
+        *slot = b'0' + (micros / 10u32.pow(5 - i as u32) % 10) as u8;
+    }
+    out.extend_from_slice(&fraction);
 }
 
 /// Writes `bytes` as the inside of a JSON string (also used, quoted, in text lines).
 fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
+    if bytes.iter().all(plain) {
+        out.extend_from_slice(bytes);
+        return;
+    }
     for &b in bytes {
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
@@ -114,47 +173,43 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-fn write_json(out: &mut Vec<u8>, e: &Entry<'_>) -> std::io::Result<()> {
-    write!(
-        out,
-        "{{\"timestamp\":\"{}\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"",
-        humantime::format_rfc3339_micros(SystemTime::now())
-    )?;
+fn write_json(out: &mut Vec<u8>, e: &Entry<'_>) {
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    write_timestamp(out);
+    out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"");
     write_escaped(out, e.method.as_bytes());
     out.extend_from_slice(b"\",\"path\":\"");
     write_escaped(out, e.path.as_bytes());
-    write!(out, "\",\"status\":{}", e.status)?;
+    out.extend_from_slice(b"\",\"status\":");
+    write_number(out, e.status.into());
     if let Some(upstream) = e.upstream {
         out.extend_from_slice(b",\"upstream_ms\":");
-        write_millis(out, upstream)?;
+        write_millis(out, upstream);
     }
     out.extend_from_slice(b",\"total_ms\":");
-    write_millis(out, e.total)?;
+    write_millis(out, e.total);
     out.extend_from_slice(b",\"request_id\":\"");
     write_escaped(out, e.request_id);
     out.extend_from_slice(b"\"}\n");
-    Ok(())
 }
 
-fn write_text(out: &mut Vec<u8>, e: &Entry<'_>) -> std::io::Result<()> {
-    write!(
-        out,
-        "{}  INFO request method={} path=\"",
-        humantime::format_rfc3339_micros(SystemTime::now()),
-        e.method
-    )?;
+fn write_text(out: &mut Vec<u8>, e: &Entry<'_>) {
+    write_timestamp(out);
+    out.extend_from_slice(b"  INFO request method=");
+    write_escaped(out, e.method.as_bytes());
+    out.extend_from_slice(b" path=\"");
     write_escaped(out, e.path.as_bytes());
-    write!(out, "\" status={}", e.status)?;
+    out.extend_from_slice(b"\" status=");
+    write_number(out, e.status.into());
     if let Some(upstream) = e.upstream {
         out.extend_from_slice(b" upstream_ms=");
-        write_millis(out, upstream)?;
+        write_millis(out, upstream);
     }
     out.extend_from_slice(b" total_ms=");
-    write_millis(out, e.total)?;
+    write_millis(out, e.total);
     out.extend_from_slice(b" request_id=\"");
     write_escaped(out, e.request_id);
     out.extend_from_slice(b"\"\n");
-    Ok(())
 }
 
 #[cfg(test)]
@@ -175,7 +230,7 @@ mod tests {
     #[test]
     fn json_lines_are_json_with_the_documented_fields() {
         let mut out = Vec::new();
-        write_json(&mut out, &entry()).unwrap();
+        write_json(&mut out, &entry());
         assert_eq!(out.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["message"], "request");
@@ -189,13 +244,43 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_match_rfc3339_with_microseconds_and_numbers_are_exact() {
+        let before = SystemTime::now();
+        let mut out = Vec::new();
+        write_timestamp(&mut out);
+        let after = SystemTime::now();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.len(), "2026-11-28T04:02:25.230979Z".len(), "{text}");
+        let parsed = humantime::parse_rfc3339(&text).unwrap();
+        let slack = Duration::from_micros(1);
+        assert!(parsed + slack >= before && parsed <= after, "{text}");
+
+        for (micros, expected) in [
+            (0, "0.000"),
+            (7, "0.007"),
+            (1_234, "1.234"),
+            (98_765_432, "98765.432"),
+        ] {
+            let mut out = Vec::new();
+            write_millis(&mut out, Duration::from_micros(micros));
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
+        let mut out = Vec::new();
+        write_number(&mut out, u64::MAX);
+        assert_eq!(String::from_utf8(out).unwrap(), u64::MAX.to_string());
+        let mut out = Vec::new();
+        write_escaped(&mut out, b"a\x01\"\\b");
+        assert_eq!(String::from_utf8(out).unwrap(), "a\\u0001\\\"\\\\b");
+    }
+
+    #[test]
     fn text_lines_quote_and_escape() {
         let mut out = Vec::new();
         let e = Entry {
             upstream: None,
             ..entry()
         };
-        write_text(&mut out, &e).unwrap();
+        write_text(&mut out, &e);
         let line = String::from_utf8(out).unwrap();
         assert!(line.contains("  INFO request method=GET path=\"/seldon-deploy/api/v1alpha1/a%2Fb\" status=200 total_ms=56.789 request_id=\"id-\\\"1\\\"\"\n"), "{line}");
         assert!(!line.contains("upstream_ms"));

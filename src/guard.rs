@@ -138,9 +138,9 @@ pub fn confine_path<'a>(uri: &'a Uri, prefixes: &[String]) -> Result<&'a str, Pr
             "the request target must start with /".into(),
         ));
     }
-    let segments: Vec<&str> = path[1..].split('/').collect();
-    let last = segments.len() - 1;
-    for (i, segment) in segments.iter().enumerate() {
+    let mut segments = path[1..].split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
         let decoded = decode_segment(segment);
         // Also inside a segment once `%2F` is decoded: some ingresses decode before they
         // normalise, and `..%2Fadmin` would climb out of the prefix there.
@@ -158,7 +158,7 @@ pub fn confine_path<'a>(uri: &'a Uri, prefixes: &[String]) -> Result<&'a str, Pr
                 "backslashes and NUL are refused in paths".into(),
             ));
         }
-        if segment.is_empty() && i != last {
+        if segment.is_empty() && !last {
             return Err(ProxyError::BadRequest(
                 "empty path segments (//) are refused".into(),
             ));

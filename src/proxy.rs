@@ -119,42 +119,78 @@ pub struct Forwarder {
 
 static REQUEST_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// A request id for a request that came without one: a random prefix for this process and a
+/// counter, both in hex (`1a2b3c4d-2f`).
 fn new_request_id() -> HeaderValue {
     use std::sync::OnceLock;
-    static PREFIX: OnceLock<String> = OnceLock::new();
-    let prefix = PREFIX.get_or_init(|| format!("{:08x}", rand::random::<u32>()));
+    static PREFIX: OnceLock<[u8; 8]> = OnceLock::new();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let prefix = PREFIX.get_or_init(|| {
+        let random = rand::random::<u32>();
+        std::array::from_fn(|i| HEX[(random >> (28 - 4 * i) & 0xf) as usize])
+    });
     let n = REQUEST_COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{prefix}-{n:x}")).unwrap_or(HeaderValue::from_static("0"))
+    let mut id = [0u8; 8 + 1 + 16];
+    id[..8].copy_from_slice(prefix);
+    id[8] = b'-';
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for i in 0..digits {
+        id[9 + i] = HEX[(n >> (4 * (digits - 1 - i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id[..9 + digits]).unwrap_or(HeaderValue::from_static("0"))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the
-/// credentials a caller may have sent.
+/// credentials a caller may send to a proxy.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
+/// Removes the hop-by-hop headers and those the `Connection` header lists. One pass over the
+/// names finds which are present (most messages carry none), so the map is hashed only for
+/// those.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
+    let mut present = [false; 9];
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
+        return;
+    }
+    if present[0] {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .map(str::trim)
+            // The usual values name no header.
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|token| HeaderName::try_from(token).ok())
             .collect();
         for name in listed {
             headers.remove(name);
         }
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
 }
 
 impl Forwarder {
@@ -469,6 +505,24 @@ mod tests {
         assert!(loc("https://ml.example.com.evil.org/x").is_none());
         assert!(loc("https://other.example.com/x").is_none());
         assert!(loc("/relative").is_none());
+    }
+
+    #[test]
+    fn request_ids_are_a_process_prefix_and_a_hex_counter() {
+        let first = new_request_id();
+        let second = new_request_id();
+        let (prefix, n) = first.to_str().unwrap().split_once('-').unwrap();
+        let (prefix2, n2) = second.to_str().unwrap().split_once('-').unwrap();
+        assert_eq!(prefix, prefix2);
+        assert_eq!(prefix.len(), 8);
+        assert!(prefix.bytes().all(|b| b.is_ascii_hexdigit()));
+        let (n, n2) = (
+            u64::from_str_radix(n, 16).unwrap(),
+            u64::from_str_radix(n2, 16).unwrap(),
+        );
+        assert!(n2 > n, "{first:?} then {second:?}");
+        REQUEST_COUNTER.store(0xabc_0000_0000, Ordering::Relaxed);
+        assert!(new_request_id().to_str().unwrap().ends_with("-abc00000000"));
     }
 
     #[test]
