@@ -346,6 +346,9 @@ impl Forwarder {
                         } else {
                             ForwardBody::Buffered(Some(bytes))
                         };
+                        // The refused response gives up its connection and its place among
+                        // the upstream requests in flight before the replay takes one.
+                        drop(response);
                         response = self.send(rebuild(method, uri, headers, body)).await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();

@@ -693,6 +693,38 @@ async fn an_upstream_401_is_replayed_once_with_a_fresh_token() {
     stop_stack(idp, upstream, proxy).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_replay_needs_no_second_place_among_the_upstream_requests_in_flight() {
+    let idp = TestIdp::start(idp_options(60)).await;
+    let upstream = FaultUpstream::start(&idp).await;
+    let proxy = Proxy::start(Settings {
+        workers: Some(1),
+        upstream_max_connections: Some(1),
+        upstream_timeout: Some(Duration::from_secs(5)),
+        ..for_idp(&upstream.url(), &idp)
+    })
+    .await;
+    assert_eq!(proxy.get("/warm-up").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    upstream.clear_requests();
+    upstream.revoke_issued_before(unix_now());
+    // The refused response's place is given up before the replay takes one.
+    let started = Instant::now();
+    let response = proxy.get("/x").await;
+    assert_eq!(response.status(), 200, "{:?}", error_kind(&response));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let seen = upstream.requests();
+    assert_eq!(
+        seen.iter().map(|s| s.status).collect::<Vec<_>>(),
+        vec![401, 200]
+    );
+    stop_stack(idp, upstream, proxy).await;
+}
+
 /// The refresh after an upstream 401 goes out on the pooled IdP connection, which the IdP (or a load balancer in
 /// front of it) closes just then, as idle keep-alive connections are: the caller should still get its replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
