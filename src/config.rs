@@ -349,8 +349,9 @@ pub struct Settings {
     /// Idle upstream connections kept per worker [default: 128].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM_MAX_IDLE")]
     pub upstream_max_idle: Option<usize>,
-    /// Most requests in flight to the platform at once, shared out among the workers; more
-    /// wait for one to finish (within upstream_timeout) [default: 256].
+    /// Most requests in flight to the platform at once, shared out among the workers (at least
+    /// one each); more wait for one to finish, up to upstream_timeout (then 503 upstream_busy)
+    /// [default: 256].
     #[arg(
         long,
         global = true,

@@ -19,6 +19,8 @@ pub enum ProxyError {
     },
     UpstreamUnreachable(String),
     UpstreamTimeout(Duration),
+    /// `upstream_max_connections` requests were in flight for all of `upstream_timeout`.
+    UpstreamBusy(Duration),
     UpstreamTls(String),
     PathNotAllowed,
     MethodNotAllowed,
@@ -34,6 +36,7 @@ impl ProxyError {
             ProxyError::TokenUnavailable { .. } => "token_unavailable",
             ProxyError::UpstreamUnreachable(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout(_) => "upstream_timeout",
+            ProxyError::UpstreamBusy(_) => "upstream_busy",
             ProxyError::UpstreamTls(_) => "upstream_tls",
             ProxyError::PathNotAllowed => "path_not_allowed",
             ProxyError::MethodNotAllowed => "method_not_allowed",
@@ -46,7 +49,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::TokenUnavailable { .. } | ProxyError::UpstreamBusy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTls(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -67,6 +72,10 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable(m) => format!("the platform could not be reached: {m}"),
             ProxyError::UpstreamTimeout(d) => format!(
                 "the platform did not answer within {} (upstream_timeout)",
+                humantime::format_duration(*d)
+            ),
+            ProxyError::UpstreamBusy(d) => format!(
+                "upstream_max_connections requests to the platform were in flight and none finished within {} (upstream_timeout); nothing was sent",
                 humantime::format_duration(*d)
             ),
             ProxyError::UpstreamTls(m) => format!("TLS to the platform failed: {m}"),
@@ -96,6 +105,9 @@ impl ProxyError {
                     header::RETRY_AFTER,
                     HeaderValue::from(retry_after.as_secs().max(1)),
                 );
+            }
+            ProxyError::UpstreamBusy(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             ProxyError::MethodNotAllowed => {
                 headers.insert(

@@ -20,10 +20,11 @@ pub const GRANTS: [&str; 7] = [
     "other",
 ];
 /// Kinds of error the proxy answers itself.
-pub const ERROR_KINDS: [&str; 10] = [
+pub const ERROR_KINDS: [&str; 11] = [
     "token_unavailable",
     "upstream_unreachable",
     "upstream_timeout",
+    "upstream_busy",
     "upstream_tls",
     "path_not_allowed",
     "method_not_allowed",
@@ -41,7 +42,7 @@ pub struct Metrics {
     latency_sum_micros: AtomicU64,
     token_ok: [AtomicU64; 7],
     token_error: [AtomicU64; 7],
-    proxy_errors: [AtomicU64; 10],
+    proxy_errors: [AtomicU64; 11],
     upstream_401: AtomicU64,
 }
 

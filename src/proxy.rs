@@ -229,6 +229,7 @@ impl Forwarder {
                         | ProxyError::UpstreamUnreachable(_)
                         | ProxyError::UpstreamTls(_)
                         | ProxyError::UpstreamTimeout(_)
+                        | ProxyError::UpstreamBusy(_)
                 ) {
                     tracing::warn!(kind = error.kind(), %method, path, "{}", error.message());
                 }
@@ -402,18 +403,22 @@ impl Forwarder {
                 .is_some_and(|l| session::is_login_redirect(l, &self.shared.upstream.url))
     }
 
-    /// Sends one request upstream, on a pooled connection or a `fresh` one, bounded by the
-    /// response-head timeout.
+    /// Sends one request upstream, on a pooled connection or a `fresh` one, once a place among
+    /// the requests in flight is free; each wait is bounded by the response-head timeout.
     async fn send_once(
         &self,
         request: Request<ForwardBody>,
         fresh: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let timeout = self.shared.upstream_timeout;
+        let place = tokio::time::timeout(timeout, self.pool.admit())
+            .await
+            .map_err(|_| SendError::Busy(timeout))?
+            .map_err(SendError::Upstream)?;
         let sent = if fresh {
-            tokio::time::timeout(timeout, self.pool.send_fresh(request)).await
+            tokio::time::timeout(timeout, self.pool.send_fresh(place, request)).await
         } else {
-            tokio::time::timeout(timeout, self.pool.send(request)).await
+            tokio::time::timeout(timeout, self.pool.send(place, request)).await
         };
         sent.map_err(|_| SendError::Timeout(timeout))?
             .map_err(SendError::Upstream)
@@ -432,6 +437,8 @@ impl Forwarder {
 /// Why a request got no response head from the upstream.
 enum SendError {
     Timeout(Duration),
+    /// No place among the requests in flight came free in time.
+    Busy(Duration),
     Upstream(UpstreamError),
 }
 
@@ -439,6 +446,7 @@ impl From<SendError> for ProxyError {
     fn from(error: SendError) -> ProxyError {
         match error {
             SendError::Timeout(timeout) => ProxyError::UpstreamTimeout(timeout),
+            SendError::Busy(timeout) => ProxyError::UpstreamBusy(timeout),
             SendError::Upstream(e) => classify_upstream_error(e),
         }
     }

@@ -87,33 +87,11 @@ impl UpstreamPool {
         })
     }
 
-    /// Sends `request` (in origin form) on an idle connection, or a new one when none is left.
-    pub async fn send(
-        self: &Arc<Self>,
-        request: Request<ForwardBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let permit = self.admit().await?;
-        let sender = match self.checkout().await {
-            Some(sender) => sender,
-            None => self.connect().await?,
-        };
-        self.send_on(permit, sender, request).await
-    }
-
-    /// Sends `request` on a connection opened for it (a retry after a stale pooled one).
-    pub async fn send_fresh(
-        self: &Arc<Self>,
-        request: Request<ForwardBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let permit = self.admit().await?;
-        let sender = self.connect().await?;
-        self.send_on(permit, sender, request).await
-    }
-
-    /// A place among the requests in flight, held until the response body ends.
-    async fn admit(&self) -> Result<OwnedSemaphorePermit, UpstreamError> {
+    /// A place among the requests in flight, held by the response until its body ends. Waits
+    /// while `max_in_flight` requests hold one (bound the wait with a timeout).
+    pub async fn admit(&self) -> Result<InFlight, UpstreamError> {
         match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => Ok(permit),
+            Ok(permit) => Ok(InFlight { _permit: permit }),
             Err(_) => {
                 tracing::debug!("upstream_max_connections reached; the request waits");
                 // Fails only if the semaphore were closed, which it never is.
@@ -121,26 +99,62 @@ impl UpstreamPool {
                     .clone()
                     .acquire_owned()
                     .await
+                    .map(|permit| InFlight { _permit: permit })
                     .map_err(|e| UpstreamError::Connect(Box::new(e)))
             }
         }
     }
 
+    /// Sends `request` (in origin form) on an idle connection, or a new one when none is left.
+    pub async fn send(
+        self: &Arc<Self>,
+        place: InFlight,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let sender = match self.checkout().await {
+            Some(sender) => sender,
+            None => self.connect().await?,
+        };
+        self.send_on(place, sender, request).await
+    }
+
+    /// Sends `request` on a connection opened for it (a retry after a stale pooled one).
+    pub async fn send_fresh(
+        self: &Arc<Self>,
+        place: InFlight,
+        request: Request<ForwardBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let sender = self.connect().await?;
+        self.send_on(place, sender, request).await
+    }
+
     async fn send_on(
         self: &Arc<Self>,
-        permit: OwnedSemaphorePermit,
+        place: InFlight,
         mut sender: SendRequest<ForwardBody>,
         request: Request<ForwardBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(UpstreamError::Request)?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut error) => match error.take_message() {
+                // The connection closed before any of the request was written (a pooled one the
+                // upstream had just closed): it goes once more on a new connection, whatever
+                // its method, since the upstream never saw it.
+                Some(unsent) => {
+                    tracing::debug!("a pooled upstream connection closed before the request went out; sending it on a new one");
+                    sender = self.connect().await?;
+                    sender
+                        .send_request(unsent)
+                        .await
+                        .map_err(UpstreamError::Request)?
+                }
+                None => return Err(UpstreamError::Request(error.into_error())),
+            },
+        };
         let (parts, inner) = response.into_parts();
         let mut body = PooledBody {
             inner,
-            owner: Some((sender, self.clone())),
-            _permit: permit,
+            owner: Some((sender, self.clone(), place)),
         };
         if body.inner.is_end_stream() {
             body.release();
@@ -152,29 +166,37 @@ impl UpstreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection that is still open and not past its idle time.
+    /// The most recently used idle connection that is ready for a request and not past its
+    /// idle time.
     async fn checkout(&self) -> Option<SendRequest<ForwardBody>> {
         loop {
             let candidate = self.idle().pop_back()?;
-            if candidate.since.elapsed() >= self.idle_timeout || candidate.sender.is_closed() {
-                continue; // dropping the sender closes the connection
+            // Only ready connections are pooled; one that is no longer ready has closed.
+            if candidate.since.elapsed() < self.idle_timeout && candidate.sender.is_ready() {
+                return Some(candidate.sender);
             }
-            let mut sender = candidate.sender;
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Handed back an instant ago: its connection task has yet to mark it ready, or
-            // finds it closed.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
+            // Dropping the sender closes the connection.
         }
     }
 
-    fn give_back(&self, sender: SendRequest<ForwardBody>) {
-        if sender.is_closed() {
-            return;
+    /// Pools a connection whose response has ended. One still writing its request body (the
+    /// upstream answered before reading it all) is pooled once that is done, and keeps its
+    /// place among the requests in flight until then.
+    fn give_back(self: Arc<Self>, mut sender: SendRequest<ForwardBody>, place: InFlight) {
+        if sender.is_ready() {
+            drop(place);
+            self.pool(sender);
+        } else if !sender.is_closed() {
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    drop(place);
+                    self.pool(sender);
+                }
+            });
         }
+    }
+
+    fn pool(&self, sender: SendRequest<ForwardBody>) {
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push_back(IdleConnection {
@@ -231,15 +253,19 @@ impl UpstreamPool {
 /// to the pool; dropped earlier, the connection closes (hyper cannot reuse it).
 pub struct PooledBody {
     inner: Incoming,
-    owner: Option<(SendRequest<ForwardBody>, Arc<UpstreamPool>)>,
-    /// Counts this request in flight until the body ends or is dropped.
+    /// The connection, its pool and the request's place in flight, until the body ends.
+    owner: Option<(SendRequest<ForwardBody>, Arc<UpstreamPool>, InFlight)>,
+}
+
+/// A request's place among those in flight to the upstream; dropping it frees the place.
+pub struct InFlight {
     _permit: OwnedSemaphorePermit,
 }
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((sender, pool)) = self.owner.take() {
-            pool.give_back(sender);
+        if let Some((sender, pool, place)) = self.owner.take() {
+            pool.give_back(sender, place);
         }
     }
 }
@@ -256,8 +282,11 @@ impl Body for PooledBody {
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.owner = None,
+            // hyper's server stops reading a body after its trailers.
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || this.inner.is_end_stream() => {
+                this.release()
+            }
+            Poll::Ready(Some(Err(_))) => this.owner = None, // the connection and the place go
             _ => {}
         }
         polled

@@ -990,8 +990,8 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
     // Eight 300 ms calls, two at a time: they queued rather than being refused or run at once.
     assert!(took >= Duration::from_millis(1100), "took {took:?}");
 
-    // Two responses whose bodies never end hold both places; a call that never gets one
-    // answers 504 once upstream_timeout has passed.
+    // Two responses whose bodies never end hold both places; a call that never gets one is
+    // answered 503 upstream_busy once upstream_timeout has passed, and was never sent.
     upstream.add_fault(
         "/endless",
         Fault::StallMidResponse {
@@ -1011,8 +1011,10 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
         .send()
         .await
         .unwrap();
-    assert_eq!(waited.status(), 504);
-    assert_eq!(error_kind(&waited).as_deref(), Some("upstream_timeout"));
+    assert_eq!(waited.status(), 503);
+    assert_eq!(error_kind(&waited).as_deref(), Some("upstream_busy"));
+    assert_eq!(waited.headers()["retry-after"], "1");
+    assert!(!upstream.requests().iter().any(|s| s.path.ends_with("/x")));
     assert!(
         started.elapsed() >= Duration::from_millis(1900),
         "{:?}",
