@@ -1034,6 +1034,104 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_still_sending_a_body_the_upstream_already_answered_is_not_given_to_the_next_call(
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idp = TestIdp::start(idp_options(60)).await;
+    // An upstream that answers 413 to /upload as soon as it has the head and then keeps reading
+    // the body as it comes, and 200 to anything else.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let counted = accepted.clone();
+    let upstream = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            connections.spawn(async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                let mut received = Vec::new();
+                loop {
+                    let n = match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    received.extend_from_slice(&buffer[..n]);
+                    while let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&received[..end]).into_owned();
+                        received.drain(..end + 4);
+                        if head.contains("/upload") {
+                            let answer =
+                                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+                            let _ = stream.write_all(answer).await;
+                            while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+                            return;
+                        }
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(Settings {
+        workers: Some(1),
+        upstream_timeout: Some(Duration::from_secs(5)),
+        ..for_idp(&upstream_url, &idp)
+    })
+    .await;
+    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(proxy.get("/x").await.status(), 200);
+
+    // A caller starts a large upload and stops half-way; the upstream has answered already.
+    let mut uploader = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /seldon-deploy/api/v1alpha1/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n{}",
+        "x".repeat(1000)
+    );
+    uploader.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), uploader.read(&mut answer))
+        .await
+        .expect("the upstream's early answer is passed on")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+
+    // The connection under that upload is busy for as long as the caller dawdles: the next
+    // call must not wait for it.
+    let started = Instant::now();
+    let next = reqwest::Client::new()
+        .get(proxy.api("/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(next.status(), 200, "{:?}", error_kind(&next));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the next call waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "a second upstream connection for it"
+    );
+
+    drop(uploader);
+    proxy.stop().await;
+    upstream.abort();
+    let _ = upstream.await;
+    idp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_closing_idle_connections_after_each_response_is_invisible() {
     let (idp, upstream, proxy) = stack(60, |s| s).await;
     upstream.close_after_response(Some(Duration::ZERO));
