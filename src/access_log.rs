@@ -60,10 +60,11 @@ pub fn record(entry: &Entry<'_>) {
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        match sink.format {
-            LogFormat::Json => write_json(&mut line, entry),
-            LogFormat::Text => write_text(&mut line, entry),
-        }
+        let syntax = match sink.format {
+            LogFormat::Json => &JSON,
+            LogFormat::Text => &TEXT,
+        };
+        write_line(&mut line, entry, syntax);
         let mut pending = sink.pending();
         pending.extend_from_slice(&line);
         if pending.len() >= BATCH_BYTES {
@@ -173,43 +174,59 @@ fn write_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-fn write_json(out: &mut Vec<u8>, e: &Entry<'_>) {
-    out.extend_from_slice(b"{\"timestamp\":\"");
-    write_timestamp(out);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"");
-    write_escaped(out, e.method.as_bytes());
-    out.extend_from_slice(b"\",\"path\":\"");
-    write_escaped(out, e.path.as_bytes());
-    out.extend_from_slice(b"\",\"status\":");
-    write_number(out, e.status.into());
-    if let Some(upstream) = e.upstream {
-        out.extend_from_slice(b",\"upstream_ms\":");
-        write_millis(out, upstream);
-    }
-    out.extend_from_slice(b",\"total_ms\":");
-    write_millis(out, e.total);
-    out.extend_from_slice(b",\"request_id\":\"");
-    write_escaped(out, e.request_id);
-    out.extend_from_slice(b"\"}\n");
+/// What goes between the fields of a line, for one format; the fields and their order are
+/// the same in both.
+struct Syntax {
+    before_timestamp: &'static [u8],
+    before_method: &'static [u8],
+    before_path: &'static [u8],
+    before_status: &'static [u8],
+    before_upstream: &'static [u8],
+    before_total: &'static [u8],
+    before_request_id: &'static [u8],
+    end: &'static [u8],
 }
 
-fn write_text(out: &mut Vec<u8>, e: &Entry<'_>) {
+const JSON: Syntax = Syntax {
+    before_timestamp: b"{\"timestamp\":\"",
+    before_method: b"\",\"level\":\"INFO\",\"message\":\"request\",\"method\":\"",
+    before_path: b"\",\"path\":\"",
+    before_status: b"\",\"status\":",
+    before_upstream: b",\"upstream_ms\":",
+    before_total: b",\"total_ms\":",
+    before_request_id: b",\"request_id\":\"",
+    end: b"\"}\n",
+};
+
+const TEXT: Syntax = Syntax {
+    before_timestamp: b"",
+    before_method: b"  INFO request method=",
+    before_path: b" path=\"",
+    before_status: b"\" status=",
+    before_upstream: b" upstream_ms=",
+    before_total: b" total_ms=",
+    before_request_id: b" request_id=\"",
+    end: b"\"\n",
+};
+
+fn write_line(out: &mut Vec<u8>, e: &Entry<'_>, syntax: &Syntax) {
+    out.extend_from_slice(syntax.before_timestamp);
     write_timestamp(out);
-    out.extend_from_slice(b"  INFO request method=");
+    out.extend_from_slice(syntax.before_method);
     write_escaped(out, e.method.as_bytes());
-    out.extend_from_slice(b" path=\"");
+    out.extend_from_slice(syntax.before_path);
     write_escaped(out, e.path.as_bytes());
-    out.extend_from_slice(b"\" status=");
+    out.extend_from_slice(syntax.before_status);
     write_number(out, e.status.into());
     if let Some(upstream) = e.upstream {
-        out.extend_from_slice(b" upstream_ms=");
+        out.extend_from_slice(syntax.before_upstream);
         write_millis(out, upstream);
     }
-    out.extend_from_slice(b" total_ms=");
+    out.extend_from_slice(syntax.before_total);
     write_millis(out, e.total);
-    out.extend_from_slice(b" request_id=\"");
+    out.extend_from_slice(syntax.before_request_id);
     write_escaped(out, e.request_id);
-    out.extend_from_slice(b"\"\n");
+    out.extend_from_slice(syntax.end);
 }
 
 #[cfg(test)]
@@ -230,7 +247,7 @@ mod tests {
     #[test]
     fn json_lines_are_json_with_the_documented_fields() {
         let mut out = Vec::new();
-        write_json(&mut out, &entry());
+        write_line(&mut out, &entry(), &JSON);
         assert_eq!(out.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["message"], "request");
@@ -280,7 +297,7 @@ mod tests {
             upstream: None,
             ..entry()
         };
-        write_text(&mut out, &e);
+        write_line(&mut out, &e, &TEXT);
         let line = String::from_utf8(out).unwrap();
         assert!(line.contains("  INFO request method=GET path=\"/seldon-deploy/api/v1alpha1/a%2Fb\" status=200 total_ms=56.789 request_id=\"id-\\\"1\\\"\"\n"), "{line}");
         assert!(!line.contains("upstream_ms"));

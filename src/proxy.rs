@@ -415,12 +415,9 @@ impl Forwarder {
             .await
             .map_err(|_| SendError::Busy(timeout))?
             .map_err(SendError::Upstream)?;
-        let sent = if fresh {
-            tokio::time::timeout(timeout, self.pool.send_fresh(place, request)).await
-        } else {
-            tokio::time::timeout(timeout, self.pool.send(place, request)).await
-        };
-        sent.map_err(|_| SendError::Timeout(timeout))?
+        tokio::time::timeout(timeout, self.pool.send(place, request, fresh))
+            .await
+            .map_err(|_| SendError::Timeout(timeout))?
             .map_err(SendError::Upstream)
     }
 

@@ -105,35 +105,19 @@ impl UpstreamPool {
         }
     }
 
-    /// Sends `request` (in origin form) on an idle connection, or a new one when none is left.
+    /// Sends `request` (in origin form) on an idle connection, or on a new one when none is
+    /// left or when `fresh` (a retry after a stale pooled one).
     pub async fn send(
         self: &Arc<Self>,
         place: InFlight,
         request: Request<ForwardBody>,
+        fresh: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let sender = match self.checkout().await {
+        let pooled = if fresh { None } else { self.checkout() };
+        let mut sender = match pooled {
             Some(sender) => sender,
             None => self.connect().await?,
         };
-        self.send_on(place, sender, request).await
-    }
-
-    /// Sends `request` on a connection opened for it (a retry after a stale pooled one).
-    pub async fn send_fresh(
-        self: &Arc<Self>,
-        place: InFlight,
-        request: Request<ForwardBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
-        let sender = self.connect().await?;
-        self.send_on(place, sender, request).await
-    }
-
-    async fn send_on(
-        self: &Arc<Self>,
-        place: InFlight,
-        mut sender: SendRequest<ForwardBody>,
-        request: Request<ForwardBody>,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
         let response = match sender.try_send_request(request).await {
             Ok(response) => response,
             Err(mut error) => match error.take_message() {
@@ -168,7 +152,7 @@ impl UpstreamPool {
 
     /// The most recently used idle connection that is ready for a request and not past its
     /// idle time.
-    async fn checkout(&self) -> Option<SendRequest<ForwardBody>> {
+    fn checkout(&self) -> Option<SendRequest<ForwardBody>> {
         loop {
             let candidate = self.idle().pop_back()?;
             // Only ready connections are pooled; one that is no longer ready has closed.
