@@ -15,8 +15,8 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::access_log;
-use crate::body::ForwardBody;
-use crate::credential::{session, CredentialManager};
+use crate::body::{ForwardBody, ReplayCopy};
+use crate::credential::{session, Credential, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
@@ -306,32 +306,19 @@ impl Forwarder {
             Err(SendError::Upstream(e))
                 if idempotent && !e.is_connect() && is_stale_connection(&e) =>
             {
-                let body = match &copy {
-                    None => Some(ForwardBody::Empty),
-                    Some(copy) => copy.replayable().map(|b| ForwardBody::Buffered(Some(b))),
-                };
-                let Some(body) = body else {
+                let Some(body) = body_again(copy.as_ref()) else {
                     return Err(classify_upstream_error(e));
                 };
                 tracing::debug!("a pooled upstream connection was closed; retrying on a fresh one");
-                let (method, uri, mut headers) = replay_head.clone();
-                headers.insert(
-                    credential.header_name.clone(),
-                    credential.header_value.clone(),
-                );
-                self.send_once(rebuild(method, uri, headers, body), true)
+                self.send_once(rebuild(replay_head.clone(), &credential, body), true)
                     .await?
             }
             Err(e) => return Err(e.into()),
         };
         if self.refused(&response) {
             shared.metrics.upstream_unauthorized();
-            let replay_body = match &copy {
-                None => Some(Bytes::new()),
-                Some(copy) => copy.replayable(),
-            };
-            match replay_body {
-                Some(bytes) => {
+            match body_again(copy.as_ref()) {
+                Some(body) => {
                     // Single-flight and rate limited: many 401s on one credential cause one
                     // token request; the request is replayed once, never looped.
                     tracing::debug!(
@@ -340,17 +327,10 @@ impl Forwarder {
                     );
                     let fresh = shared.manager.invalidate(credential.generation).await;
                     if let Some(fresh) = fresh.filter(|f| f.generation != credential.generation) {
-                        let (method, uri, mut headers) = replay_head;
-                        headers.insert(fresh.header_name.clone(), fresh.header_value.clone());
-                        let body = if bytes.is_empty() {
-                            ForwardBody::Empty
-                        } else {
-                            ForwardBody::Buffered(Some(bytes))
-                        };
                         // The refused response gives up its connection and its place among
                         // the upstream requests in flight before the replay takes one.
                         drop(response);
-                        response = self.send(rebuild(method, uri, headers, body)).await?;
+                        response = self.send(rebuild(replay_head, &fresh, body)).await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
@@ -449,13 +429,30 @@ impl From<SendError> for ProxyError {
     }
 }
 
-/// A request again from its parts (for a retry or a replay).
+/// The body to send again (a retry or a replay), when the whole of it is at hand.
+fn body_again(copy: Option<&ReplayCopy>) -> Option<ForwardBody> {
+    match copy {
+        None => Some(ForwardBody::Empty),
+        Some(copy) => copy.replayable().map(|bytes| {
+            if bytes.is_empty() {
+                ForwardBody::Empty
+            } else {
+                ForwardBody::Buffered(Some(bytes))
+            }
+        }),
+    }
+}
+
+/// A request again from its head without a credential, with `credential` (a retry or a replay).
 fn rebuild(
-    method: http::Method,
-    uri: Uri,
-    headers: HeaderMap,
+    (method, uri, mut headers): (http::Method, Uri, HeaderMap),
+    credential: &Credential,
     body: ForwardBody,
 ) -> Request<ForwardBody> {
+    headers.insert(
+        credential.header_name.clone(),
+        credential.header_value.clone(),
+    );
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;

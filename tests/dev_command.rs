@@ -13,8 +13,9 @@ use common::deps::python;
 use common::fault_upstream::unix_now_f;
 use common::http::{client, get_json, get_text};
 use common::idp::jwt_claims;
-use common::proxy::{API, ERROR_HEADER};
+use common::proxy::{metric, API, ERROR_HEADER};
 use common::proxy_child::{collect, command, output_within, scrub_env, send_sigterm};
+use common::sdk::{run_python, sdk_script, SDK_FINAL_LINE};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -293,18 +294,14 @@ async fn dev_on_port_zero_prints_a_banner_whose_examples_work_and_serves_seldon_
     );
 
     // The full SDK script, with no token.
-    let python = python().await;
-    let script = common::deps::repo_root().join("tests/python/sdk_through_proxy.py");
-    let mut sdk = tokio::process::Command::new(python);
-    sdk.arg(script)
-        .env("SELDON_URL", &b.proxy)
-        .env("EXPECT_USER", format!("service-account-{}", b.client_id));
-    let sdk = output_within(sdk, Duration::from_secs(120)).await;
-    assert!(sdk.code == Some(0), "{}\n{}", sdk.stdout, sdk.stderr);
-    assert_eq!(
-        sdk.stdout.lines().last(),
-        Some("SDK through proxy: all checks passed")
-    );
+    let user = format!("service-account-{}", b.client_id);
+    let (code, stdout, stderr) = run_python(
+        &[&sdk_script()],
+        &[("SELDON_URL", &b.proxy), ("EXPECT_USER", &user)],
+    )
+    .await;
+    assert!(code == Some(0), "{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().last(), Some(SDK_FINAL_LINE));
 
     let (code, took) = dev.terminate().await;
     println!("dev exited with {code:?} {took:?} after SIGTERM");
@@ -391,13 +388,11 @@ async fn dev_platform_refuses_bad_tokens_while_the_proxy_keeps_working_across_li
 
     let (calls, failures) = load.await.unwrap();
     let metrics = get_text(&http, &format!("{}/metrics", b.admin)).await;
-    let token_requests: u64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("seldon_auth_proxy_token_requests_total{grant=\"client_credentials\",outcome=\"success\"} ")
-        })
-        .and_then(|n| n.parse().ok())
-        .expect("the token request counter");
+    let token_requests = metric(
+        &metrics,
+        "seldon_auth_proxy_token_requests_total{grant=\"client_credentials\",outcome=\"success\"}",
+    )
+    .expect("the token request counter") as u64;
     println!(
         "dev, {}s tokens, {:.1}s of calls through the proxy: {calls} calls, {} failed, {token_requests} token requests",
         TOKEN_LIFETIME_S,

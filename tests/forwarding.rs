@@ -18,7 +18,7 @@ use common::http::{client, get_json};
 use common::idp::{jwt_claims, TestIdp};
 use common::platform::platform_for;
 use common::proxy::{
-    idp_options, settings, Proxy, API, CLIENT_ID, CLIENT_SECRET, ERROR_HEADER, PASSWORD,
+    idp_options, metric, settings, Proxy, API, CLIENT_ID, CLIENT_SECRET, ERROR_HEADER, PASSWORD,
     SERVICE_ACCOUNT, USERNAME,
 };
 use common::proxy_child::{command, run, run_command};
@@ -920,12 +920,8 @@ async fn readyz_waits_for_the_first_credential_and_metrics_use_the_documented_na
     ] {
         assert!(metrics.lines().any(|l| l == line), "missing `{line}` in:\n{metrics}");
     }
-    let expiry: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("seldon_auth_proxy_token_expiry_seconds "))
-        .expect("seldon_auth_proxy_token_expiry_seconds")
-        .parse()
-        .unwrap();
+    let expiry = metric(&metrics, "seldon_auth_proxy_token_expiry_seconds")
+        .expect("seldon_auth_proxy_token_expiry_seconds");
     assert!(expiry > 0.0 && expiry <= 60.0, "token expiry {expiry}");
     for name in [
         "seldon_auth_proxy_requests_total",

@@ -4,35 +4,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::deps::python;
 use common::echo::EchoUpstream;
 use common::idp::TestIdp;
 use common::platform::platform_for;
 use common::proxy::{idp_options, settings, Proxy, SERVICE_ACCOUNT};
-use common::proxy_child::{output_within, scrub_env};
-
-const FINAL_LINE: &str = "SDK through proxy: all checks passed";
-
-/// Runs Python with `args`, no proxy variables, and `env` (at most 120 s); returns (exit code, stdout, stderr).
-async fn run_python(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut command = tokio::process::Command::new(python().await);
-    scrub_env(&mut command);
-    command
-        .args(args)
-        .envs(env.iter().copied())
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    let outcome = output_within(command, Duration::from_secs(120)).await;
-    (outcome.code, outcome.stdout, outcome.stderr)
-}
-
-fn script() -> String {
-    common::deps::repo_root()
-        .join("tests/python/sdk_through_proxy.py")
-        .to_string_lossy()
-        .into_owned()
-}
+use common::sdk::{run_python, sdk_script, SDK_FINAL_LINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_without_a_token_manages_seldon_deployments_through_the_proxy() {
@@ -44,7 +21,7 @@ async fn the_sdk_without_a_token_manages_seldon_deployments_through_the_proxy() 
 
     let started = std::time::Instant::now();
     let (code, stdout, stderr) = run_python(
-        &[&script()],
+        &[&sdk_script()],
         &[
             ("SELDON_URL", proxy.url()),
             ("EXPECT_USER", SERVICE_ACCOUNT),
@@ -55,7 +32,7 @@ async fn the_sdk_without_a_token_manages_seldon_deployments_through_the_proxy() 
     assert_eq!(code, Some(0), "the SDK script failed:\n{stdout}\n{stderr}");
     assert_eq!(
         stdout.lines().last(),
-        Some(FINAL_LINE),
+        Some(SDK_FINAL_LINE),
         "{stdout}\n{stderr}"
     );
 

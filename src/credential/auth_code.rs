@@ -104,7 +104,7 @@ pub fn default_redirect_uri(upstream: &Url) -> String {
 
 // The id_token comes straight from the token endpoint over a verified connection (OIDC Core
 // 3.1.3.7), so its claims are read without checking its signature.
-pub use super::lifetime::jwt_claims;
+use super::lifetime::{jwt_claims, unix_now};
 
 /// Checks an id_token answers this login: its `nonce` is ours and its audience holds our
 /// client. The message never quotes the token.
@@ -177,7 +177,7 @@ impl AuthCode {
             token: acquired.token.clone(),
             token_field: self.token_field,
             expires_at: Some(acquired.schedule.expires_at_unix),
-            saved_at: token_file::unix_now(),
+            saved_at: unix_now(),
         }
     }
 
@@ -211,7 +211,7 @@ impl AuthCode {
         if stored.token_field != self.token_field {
             return None;
         }
-        let remaining = stored.expires_at?.checked_sub(token_file::unix_now())?;
+        let remaining = stored.expires_at?.checked_sub(unix_now())?;
         let (life, warning) = lifetime::lifetime(token.expose(), Some(remaining));
         if life < REUSE_MIN_LIFETIME || warning.is_some() {
             return None;

@@ -81,15 +81,14 @@ pub struct CredentialManager {
     latest: ArcSwapOption<Credential>,
     key: Arc<str>,
     source: Arc<Source>,
-    /// The runtime that runs the background task, and every call to the IdP.
+    /// The runtime that runs the background task, and every call to the IdP; set once the
+    /// background task runs, after which failures are retried, and logged as such.
     runtime: OnceLock<tokio::runtime::Handle>,
     generation: AtomicU64,
     failure: Mutex<Option<Failure>>,
     last_invalidation: Mutex<Option<Instant>>,
     wake: Notify,
     files_changed: AtomicBool,
-    /// Set once the background task runs: failures are then retried, and logged as such.
-    retrying: AtomicBool,
     /// True while a call to the IdP is under way.
     attempting: AtomicBool,
     metrics: Arc<Metrics>,
@@ -108,7 +107,6 @@ impl CredentialManager {
             last_invalidation: Mutex::new(None),
             wake: Notify::new(),
             files_changed: AtomicBool::new(false),
-            retrying: AtomicBool::new(false),
             attempting: AtomicBool::new(false),
             metrics,
         })
@@ -220,7 +218,7 @@ impl CredentialManager {
             }
             FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
         };
-        if !self.retrying.load(Ordering::Relaxed) {
+        if self.runtime.get().is_none() {
             // A one-shot caller (`check`, `token`) reports the failure itself.
             tracing::debug!("could not obtain a credential: {}", error.message);
         } else {
@@ -391,7 +389,6 @@ impl CredentialManager {
     /// Starts the background refresh loop and the secret-file watcher.
     pub fn spawn_background(self: &Arc<Self>, shutdown: Shutdown) {
         let _ = self.runtime.set(tokio::runtime::Handle::current());
-        self.retrying.store(true, Ordering::Relaxed);
         let manager = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { manager.refresh_loop(stop).await });

@@ -52,8 +52,6 @@ struct OnDisk {
     saved_at: u64,
 }
 
-pub use super::lifetime::unix_now;
-
 fn field_name(field: TokenField) -> &'static str {
     match field {
         TokenField::IdToken => "id_token",

@@ -11,5 +11,6 @@ pub mod platform;
 pub mod proxy;
 pub mod proxy_child;
 pub mod raw_http;
+pub mod sdk;
 pub mod tls_certs;
 pub mod token_relay;

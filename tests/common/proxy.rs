@@ -106,7 +106,7 @@ impl Proxy {
         Self::start_config(config).await
     }
 
-    pub async fn start_config(config: Config) -> Proxy {
+    async fn start_config(config: Config) -> Proxy {
         let running = seldon_auth_proxy::start(config)
             .await
             .expect("the proxy starts");

@@ -245,10 +245,6 @@ impl ProxyChild {
         format!("{}{API}{path}", self.url())
     }
 
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Waits until /readyz answers 200; returns how long that took, or None after `limit`.
     #[must_use]
     pub async fn wait_ready(&self, limit: Duration) -> Option<Duration> {
