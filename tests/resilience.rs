@@ -1472,7 +1472,7 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime() {
-    let lifetime = 4;
+    let lifetime = 12;
     let (idp, upstream, proxy) = stack(lifetime, |s| Settings {
         workers: Some(2),
         ..s
@@ -1492,25 +1492,39 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     let started = Instant::now();
     let token_requests = AtomicU64::new(0);
 
-    // After ~8 s, wait for a fresh token, then stop the IdP for 2 s (plus its start-up time) and restart it on
-    // the same port with new signing keys.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let newest_iat =
-        |u: &FaultUpstream| u.requests().iter().filter_map(|s| s.iat).max().unwrap_or(0);
-    let current = newest_iat(&upstream);
-    while newest_iat(&upstream) == current {
+    // Once the first refresh is seen, stop the IdP at once, so that the next refresh (at most
+    // 79% into the new token's life) falls in the outage, and restart it on the same port with new
+    // signing keys ~2.3 s before the token's exp: back about a second before the proxy would
+    // stop using the token (10% of its lifetime before exp).
+    let newest = |u: &FaultUpstream| u.requests().iter().filter_map(|s| s.iat.zip(s.exp)).max();
+    while newest(&upstream).is_none() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let first = newest(&upstream);
+    while newest(&upstream) == first {
+        assert!(started.elapsed() < Duration::from_secs(15), "no refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, exp) = newest(&upstream).unwrap();
     let before = idp.as_ref().unwrap().total_token_requests().await;
     token_requests.fetch_add(before, Ordering::SeqCst);
     let outage_started = Instant::now();
     idp.take().unwrap().stop().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restart_at = exp as f64 - 2.3;
+    while unix_now_f() < restart_at {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     idp = Some(TestIdp::start(idp_options(lifetime).port(port)).await);
     let outage = outage_started.elapsed();
     let back_at = Instant::now();
+    let back_before_exp = exp as f64 - unix_now_f();
+    let failed_attempts = metric(
+        &proxy.metrics().await,
+        "seldon_auth_proxy_token_requests_total{grant=\"client_credentials\",outcome=\"error\"}",
+    )
+    .unwrap_or(0.0);
     let mut ready_after = None;
-    while started.elapsed() < Duration::from_secs(30) {
+    while started.elapsed() < Duration::from_secs(32) {
         if ready_after.is_none() && idp.as_ref().unwrap().total_token_requests().await > 0 {
             ready_after = Some(back_at.elapsed());
         }
@@ -1522,7 +1536,7 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     let failed: Vec<&Call> = calls.iter().filter(|c| c.status != 200).collect();
     let seen = upstream.requests();
     println!(
-        "soak: 20 loops for {:.1} s, token lifetime {lifetime} s, IdP outage {:.2} s (keys changed), first token request after restart {:?}\n  {} calls, {} failed ({}), {} token requests ({before} before the outage, {after} after); upstream saw {} requests, {} refused with 401 and replayed",
+        "soak: 20 loops for {:.1} s, token lifetime {lifetime} s, IdP outage {:.2} s (keys changed, back {back_before_exp:.2} s before exp, {failed_attempts} token requests failed meanwhile), first token request after restart {:?}\n  {} calls, {} failed ({}), {} token requests ({before} before the outage, {after} after); upstream saw {} requests, {} refused with 401 and replayed",
         started.elapsed().as_secs_f64(),
         outage.as_secs_f64(),
         ready_after,
@@ -1542,14 +1556,22 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     }
     assert!(calls.len() > 2000, "too little load: {}", calls.len());
     assert!(
+        failed_attempts >= 1.0,
+        "the outage must hold up a refresh to prove anything"
+    );
+    assert!(
+        back_before_exp > 1.5,
+        "the IdP took too long to restart: back {back_before_exp:.2} s before exp"
+    );
+    assert!(
         failed.is_empty(),
         "{} of {} calls failed during an IdP outage shorter than the token lifetime",
         failed.len(),
         calls.len()
     );
     assert!(
-        before + after <= 30,
-        "{} token requests for ~8 token lifetimes",
+        before + after <= 8,
+        "{} token requests for ~3 token lifetimes",
         before + after
     );
     let proxy = Arc::try_unwrap(proxy).ok().unwrap();

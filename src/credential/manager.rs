@@ -195,29 +195,17 @@ impl CredentialManager {
         (f.failed_at >= since).then(|| Self::unavailable(&f.error, f.retry_at))
     }
 
-    /// Records a failed attempt and schedules the next, returning when that is. A transient failure is retried with
-    /// backoff, but never later than just before the held credential stops being usable, so
-    /// an IdP that comes back in time causes no failed call.
+    /// Records a failed attempt and schedules the next (see [`retry_delay`]), returning when that is.
     fn record_failure(&self, error: &FetchError, held: Option<&Credential>) -> Instant {
         let mut failure = self.lock_failure();
         let attempts = failure.as_ref().map(|f| f.attempts + 1).unwrap_or(1);
-        let delay = match error.class {
-            FailureClass::Transient => {
-                let base =
-                    Duration::from_secs(1u64 << (attempts - 1).min(4)).min(MAX_TRANSIENT_BACKOFF);
-                let backoff = base.mul_f64(rand::thread_rng().gen_range(0.8..=1.0));
-                let last_chance = held
-                    .map(|c| {
-                        c.schedule
-                            .usable_until
-                            .saturating_duration_since(Instant::now())
-                    })
-                    .map(|left| left.saturating_sub(LAST_CHANCE_MARGIN))
-                    .filter(|left| *left >= MIN_RETRY);
-                last_chance.map_or(backoff, |left| backoff.min(left))
-            }
-            FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
-        };
+        let usable_for = held.map(|c| {
+            c.schedule
+                .usable_until
+                .saturating_duration_since(Instant::now())
+        });
+        let jitter = rand::thread_rng().gen_range(0.8..=1.0);
+        let delay = retry_delay(error.class, attempts, usable_for, jitter);
         if self.runtime.get().is_none() {
             // A one-shot caller (`check`, `token`) reports the failure itself.
             tracing::debug!("could not obtain a credential: {}", error.message);
@@ -457,6 +445,98 @@ impl CredentialManager {
                 self.files_changed.store(true, Ordering::SeqCst);
                 self.wake.notify_one();
             }
+        }
+    }
+}
+
+/// How long to wait before the next attempt after `attempts` failures in a row.
+///
+/// A transient failure is retried after 1 s, 2 s, 4 s ... up to [`MAX_TRANSIENT_BACKOFF`]
+/// (times `jitter`), but while a held credential is still usable (`usable_for`) never later
+/// than [`LAST_CHANCE_MARGIN`] before it stops being so, and at least every [`MIN_RETRY`]
+/// in its last moments: an IdP that comes back before the credential runs out causes no
+/// failed call. Once nothing usable is held, the plain backoff spares a failing IdP.
+fn retry_delay(
+    class: FailureClass,
+    attempts: u32,
+    usable_for: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    match class {
+        FailureClass::Transient => {
+            let base = Duration::from_secs(1u64 << attempts.saturating_sub(1).min(4))
+                .min(MAX_TRANSIENT_BACKOFF);
+            let backoff = base.mul_f64(jitter).max(MIN_RETRY);
+            match usable_for.filter(|left| !left.is_zero()) {
+                Some(left) => backoff.min(left.saturating_sub(LAST_CHANCE_MARGIN).max(MIN_RETRY)),
+                None => backoff,
+            }
+        }
+        FailureClass::Configuration | FailureClass::NeedsLogin => CONFIGURATION_RETRY,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRANSIENT: FailureClass = FailureClass::Transient;
+
+    #[test]
+    fn transient_failures_back_off_exponentially_up_to_the_cap() {
+        let delays: Vec<u64> = (1..=7)
+            .map(|n| retry_delay(TRANSIENT, n, None, 1.0).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8, 10, 10, 10]);
+        assert_eq!(
+            retry_delay(TRANSIENT, 1, None, 0.8),
+            Duration::from_millis(800)
+        );
+    }
+
+    #[test]
+    fn a_held_credential_brings_the_retry_before_its_last_usable_moment() {
+        // 2.5 s left: the 4 s backoff is cut to 2.2 s.
+        let left = Some(Duration::from_millis(2500));
+        assert_eq!(
+            retry_delay(TRANSIENT, 3, left, 1.0),
+            Duration::from_millis(2200)
+        );
+        // Plenty left: the backoff stands.
+        assert_eq!(
+            retry_delay(TRANSIENT, 3, Some(Duration::from_secs(60)), 1.0),
+            Duration::from_secs(4)
+        );
+    }
+
+    #[test]
+    fn in_a_held_credentials_last_moments_the_retry_comes_every_min_retry() {
+        // 400 ms left is less than the margin plus the shortest retry: it is tried again
+        // after MIN_RETRY, not after the full second of backoff.
+        for left_ms in [1, 250, 400, 499] {
+            assert_eq!(
+                retry_delay(TRANSIENT, 1, Some(Duration::from_millis(left_ms)), 1.0),
+                MIN_RETRY,
+                "{left_ms} ms left"
+            );
+        }
+    }
+
+    #[test]
+    fn once_nothing_usable_is_held_the_plain_backoff_applies() {
+        assert_eq!(
+            retry_delay(TRANSIENT, 5, Some(Duration::ZERO), 1.0),
+            Duration::from_secs(10)
+        );
+    }
+
+    #[test]
+    fn configuration_failures_wait_the_configuration_retry() {
+        for class in [FailureClass::Configuration, FailureClass::NeedsLogin] {
+            assert_eq!(
+                retry_delay(class, 1, Some(Duration::from_secs(1)), 1.0),
+                CONFIGURATION_RETRY
+            );
         }
     }
 }
