@@ -27,7 +27,7 @@ const CONFIGURATION_RETRY: Duration = Duration::from_secs(60);
 /// An upstream 401 invalidates a credential at most this often.
 const MIN_INVALIDATION_INTERVAL: Duration = Duration::from_secs(5);
 /// A failing refresh is retried this long before the held credential's cutoff at the latest.
-const LAST_CHANCE_MARGIN: Duration = Duration::from_millis(300);
+const LAST_CHANCE_MARGIN: Duration = Duration::from_millis(500);
 /// The shortest retry delay, so failures never spin.
 const MIN_RETRY: Duration = Duration::from_millis(200);
 /// How often watched secret files are checked for changes.
@@ -496,12 +496,9 @@ mod tests {
 
     #[test]
     fn a_held_credential_brings_the_retry_before_its_last_usable_moment() {
-        // 2.5 s left: the 4 s backoff is cut to 2.2 s.
+        // 2.5 s left: the 4 s backoff is cut to 2 s.
         let left = Some(Duration::from_millis(2500));
-        assert_eq!(
-            retry_delay(TRANSIENT, 3, left, 1.0),
-            Duration::from_millis(2200)
-        );
+        assert_eq!(retry_delay(TRANSIENT, 3, left, 1.0), Duration::from_secs(2));
         // Plenty left: the backoff stands.
         assert_eq!(
             retry_delay(TRANSIENT, 3, Some(Duration::from_secs(60)), 1.0),
@@ -511,9 +508,9 @@ mod tests {
 
     #[test]
     fn in_a_held_credentials_last_moments_the_retry_comes_every_min_retry() {
-        // 400 ms left is less than the margin plus the shortest retry: it is tried again
+        // 600 ms left is less than the margin plus the shortest retry: it is tried again
         // after MIN_RETRY, not after the full second of backoff.
-        for left_ms in [1, 250, 400, 499] {
+        for left_ms in [1, 250, 600, 699] {
             assert_eq!(
                 retry_delay(TRANSIENT, 1, Some(Duration::from_millis(left_ms)), 1.0),
                 MIN_RETRY,
