@@ -638,17 +638,18 @@ async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_exits_0() {
     const DELAY: Duration = Duration::from_secs(2);
+    const GRACE: Duration = Duration::from_secs(20);
     let (idp, echo, mut served) =
-        serve_echo(&["--shutdown-delay", "2s", "--shutdown-grace", "10s"], &[]).await;
+        serve_echo(&["--shutdown-delay", "2s", "--shutdown-grace", "20s"], &[]).await;
     let proxy_addr = served.proxy;
 
-    // A slow request (the upstream answers after 4 s) is in flight when SIGTERM arrives.
+    // A slow request (the upstream answers after 8 s) is in flight when SIGTERM arrives.
     let slow = {
         let url = served.api("/slow");
         tokio::spawn(async move {
             let response = client()
                 .get(url)
-                .header("x-echo-delay-ms", "4000")
+                .header("x-echo-delay-ms", "8000")
                 .send()
                 .await?;
             let status = response.status().as_u16();
@@ -656,6 +657,7 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
         })
     };
     echo.wait_for_requests(1, Duration::from_secs(10)).await;
+    let before_signal = Instant::now();
     served.sigterm();
     let signalled = Instant::now();
 
@@ -700,15 +702,25 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
         signalled.elapsed()
     );
 
-    // After the delay, new connections are refused while the slow request is still in flight.
-    tokio::time::sleep((DELAY + Duration::from_millis(500)).saturating_sub(signalled.elapsed()))
-        .await;
+    // After the delay (counted from when the proxy handled SIGTERM, a little after it was sent), new connections
+    // are refused while the slow request is still in flight.
+    let refused_at = loop {
+        match tokio::net::TcpStream::connect(&proxy_addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break Instant::now(),
+            connected => assert!(
+                signalled.elapsed() < DELAY + Duration::from_secs(3),
+                "a new connection {:?} after SIGTERM is still not refused: {connected:?}",
+                signalled.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(!slow.is_finished(), "the slow request is still in flight");
     assert!(served.is_running(), "the process is still draining");
-    let refused = tokio::net::TcpStream::connect(&proxy_addr).await;
+    let refused_after = refused_at - signalled;
     assert!(
-        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
-        "a new connection after the shutdown delay is refused: {refused:?}"
+        refused_at - before_signal >= DELAY,
+        "connections were refused {refused_after:?} after SIGTERM, within the shutdown delay"
     );
 
     let (status, body, finished) = slow
@@ -717,10 +729,12 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
         .expect("the in-flight request completes");
     assert_eq!(status, 200);
     assert_eq!(body, r#"{"echo":true}"#);
-    let exit = served.wait_exit(Duration::from_secs(15)).await;
+    let exit = served
+        .wait_exit(DELAY + GRACE + Duration::from_secs(5))
+        .await;
     let exited = signalled.elapsed();
     println!(
-        "SIGTERM: /readyz 503 after {readyz_off:?}, in-flight request done after {:?}, exit {:?} after {exited:?}",
+        "SIGTERM: /readyz 503 after {readyz_off:?}, connections refused after {refused_after:?}, in-flight request done after {:?}, exit {:?} after {exited:?}",
         finished - signalled,
         exit.code()
     );
@@ -730,8 +744,9 @@ async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_
         "stderr:\n{}",
         served.stderr_lines().join("\n")
     );
+    // The request ends less than 8 s after SIGTERM; the grace would end 22 s after it.
     assert!(
-        exited < Duration::from_secs(9),
+        exited < Duration::from_secs(13),
         "the drain ends when the in-flight request does: {exited:?}"
     );
 

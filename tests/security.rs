@@ -1039,7 +1039,8 @@ async fn a_slowloris_head_is_cut_after_the_header_read_timeout() {
     let closed = seconds_until_closed(&mut stalled, Duration::from_secs(5)).await;
     println!("stalled head closed after {closed:?} s (header_read_timeout 1s)");
     let closed = closed.expect("a stalled head must be cut");
-    assert!((0.8..2.5).contains(&closed), "{closed:.2} s");
+    // Not before the 1 s timeout (less a timer's slack); the upper bound leaves a loaded machine room.
+    assert!((0.8..4.0).contains(&closed), "{closed:.2} s");
     // A head trickled one byte every 200 ms is cut as well, progress or not.
     let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
@@ -1071,7 +1072,7 @@ async fn a_slowloris_head_is_cut_after_the_header_read_timeout() {
     };
     println!("head trickled at 5 bytes/s: connection closed after {cut:?} s (the whole head would take {:.0} s)", head.len() as f64 * 0.2);
     let cut = cut.expect("the trickling connection was not cut");
-    assert!((0.8..2.5).contains(&cut), "{cut:.2} s");
+    assert!((0.8..4.0).contains(&cut), "{cut:.2} s");
     assert!(upstream.requests().is_empty());
     assert_eq!(proxy.get("/x").await.status(), 200);
     stop_stack(idp, upstream, proxy).await;

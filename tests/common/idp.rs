@@ -83,6 +83,9 @@ pub struct IdpOptions {
     pub refresh_token_lifetime_seconds: u64,
     pub id_token_for_client_credentials: bool,
     pub rotate_refresh_tokens: bool,
+    /// How the token endpoint behaves from the start (a restart in [`IdpMode::Fail503`] is back exactly when
+    /// switched to normal, however long the start took).
+    pub mode: IdpMode,
 }
 
 impl Default for IdpOptions {
@@ -96,6 +99,7 @@ impl Default for IdpOptions {
             refresh_token_lifetime_seconds: 1800,
             id_token_for_client_credentials: false,
             rotate_refresh_tokens: true,
+            mode: IdpMode::Normal,
         }
     }
 }
@@ -147,6 +151,11 @@ impl IdpOptions {
 
     pub fn rotate_refresh_tokens(mut self, yes: bool) -> IdpOptions {
         self.rotate_refresh_tokens = yes;
+        self
+    }
+
+    pub fn mode(mut self, mode: IdpMode) -> IdpOptions {
+        self.mode = mode;
         self
     }
 }

@@ -11,6 +11,8 @@
 //   refreshTokenLifetimeSeconds  1800   refresh token lifetime (refresh_expires_in)
 //   idTokenForClientCredentials  false  newer Keycloak returns no id_token for client_credentials
 //   rotateRefreshTokens          true   a refresh token is refused once it has been used
+//   mode                         "normal"  the token endpoint's mode from the start (see /__control/mode), e.g. an IdP
+//                                          restarted as "fail503" so its start-up time does not decide when it is back
 //   exitOnStdinEnd               true   exit when stdin closes, so a dead test never leaves this running
 // When listening it prints ONE line to stdout, {"issuer","port","jwks_uri","token_endpoint"}; all logs go to stderr.
 // It exits on SIGTERM/SIGINT and when stdin ends.
@@ -46,6 +48,7 @@ const config = {
   refreshTokenLifetimeSeconds: 1800,
   idTokenForClientCredentials: false,
   rotateRefreshTokens: true,
+  mode: 'normal',
   exitOnStdinEnd: true,
   ...JSON.parse(process.argv[2] ?? process.env.KEYCLOAK_MOCK_CONFIG ?? '{}'),
 };
@@ -54,7 +57,7 @@ const state = {
   clients: checkClients(config.clients),
   users: checkUsers(config.users),
   lifetime: checkSeconds(config.tokenLifetimeSeconds),
-  mode: 'normal',
+  mode: checkMode(config.mode),
   refreshLifetime: checkSeconds(config.refreshTokenLifetimeSeconds),
   stats: {}, // grant_type -> { ok, error }
   refreshTokens: new Map(), // token -> { payload, clientId, username }
@@ -102,6 +105,11 @@ function checkUsers(users) {
   const ok = (u) => typeof u?.username === 'string' && typeof u.password === 'string' && (u.groups ?? []).every((g) => typeof g === 'string');
   if (!Array.isArray(users) || !users.every(ok)) throw new Error('users must be a list of {username, password, email?, groups?}');
   return users;
+}
+
+function checkMode(mode) {
+  if (!['normal', 'fail503', 'hang'].includes(mode)) throw new Error('mode must be normal, fail503 or hang');
+  return mode;
 }
 
 function checkSeconds(n) {
@@ -399,8 +407,7 @@ async function control(req, res, path) {
         state.stats = {};
         break;
       case 'POST /__control/mode':
-        if (!['normal', 'fail503', 'hang'].includes(body.mode)) throw new Error('mode must be normal, fail503 or hang');
-        state.mode = body.mode;
+        state.mode = checkMode(body.mode);
         break;
       case 'POST /__control/revoke-refresh-tokens':
         state.refreshTokens.clear();
