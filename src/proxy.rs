@@ -186,14 +186,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    if present[0] {
+    // The usual values name no header: `keep-alive`, `close`.
+    let names_nothing = |value: &HeaderValue| {
+        let value = value.as_bytes();
+        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    };
+    if present[0]
+        && !headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .all(names_nothing)
+    {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            // The usual values name no header.
             .filter(|token| {
                 !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
             })
@@ -408,10 +417,14 @@ impl Forwarder {
         fresh: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let timeout = self.shared.upstream_timeout;
-        let place = tokio::time::timeout(timeout, self.pool.admit())
-            .await
-            .map_err(|_| SendError::Busy(timeout))?
-            .map_err(SendError::Upstream)?;
+        // A timer only when the request has to wait for a place.
+        let place = match self.pool.try_admit() {
+            Some(place) => place,
+            None => tokio::time::timeout(timeout, self.pool.admit())
+                .await
+                .map_err(|_| SendError::Busy(timeout))?
+                .map_err(SendError::Upstream)?,
+        };
         tokio::time::timeout(timeout, self.pool.send(place, request, fresh))
             .await
             .map_err(|_| SendError::Timeout(timeout))?

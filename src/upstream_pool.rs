@@ -87,22 +87,27 @@ impl UpstreamPool {
         })
     }
 
-    /// A place among the requests in flight, held by the response until its body ends. Waits
-    /// while `max_in_flight` requests hold one (bound the wait with a timeout).
+    /// A place among the requests in flight, held by the response until its body ends, when
+    /// one is free now.
+    pub fn try_admit(&self) -> Option<InFlight> {
+        let permit = self.in_flight.clone().try_acquire_owned().ok()?;
+        Some(InFlight { _permit: permit })
+    }
+
+    /// A place among the requests in flight, waiting while `max_in_flight` requests hold one
+    /// (bound the wait with a timeout).
     pub async fn admit(&self) -> Result<InFlight, UpstreamError> {
-        match self.in_flight.clone().try_acquire_owned() {
-            Ok(permit) => Ok(InFlight { _permit: permit }),
-            Err(_) => {
-                tracing::debug!("upstream_max_connections reached; the request waits");
-                // Fails only if the semaphore were closed, which it never is.
-                self.in_flight
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map(|permit| InFlight { _permit: permit })
-                    .map_err(|e| UpstreamError::Connect(Box::new(e)))
-            }
+        if let Some(place) = self.try_admit() {
+            return Ok(place);
         }
+        tracing::debug!("upstream_max_connections reached; the request waits");
+        // Fails only if the semaphore were closed, which it never is.
+        self.in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map(|permit| InFlight { _permit: permit })
+            .map_err(|e| UpstreamError::Connect(Box::new(e)))
     }
 
     /// Sends `request` (in origin form) on an idle connection, or on a new one when none is
