@@ -312,7 +312,6 @@ impl CredentialManager {
                 };
                 match attempt {
                     Ok(acquired) => {
-                        self.metrics.token_request(acquired.grant, true);
                         if let Some(warning) = &acquired.warning {
                             tracing::warn!("{warning}");
                         }
@@ -339,6 +338,8 @@ impl CredentialManager {
                             token: acquired.token,
                         });
                         self.latest.store(Some(credential.clone()));
+                        // Counted once requests can have it: whoever sees the count sees it.
+                        self.metrics.token_request(credential.grant, true);
                         Ok(Op::Put(credential))
                     }
                     Err(error) => {
