@@ -328,31 +328,6 @@ async fn check_exits_1_without_a_credential_and_2_for_a_bad_configuration() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_non_loopback_listener_is_refused_with_exit_2() {
-    let base = [
-        "--upstream",
-        "http://127.0.0.1:9",
-        "--oidc-server",
-        "http://127.0.0.1:9/realms/x",
-        "--client-id",
-        "x",
-    ];
-    for listen in ["0.0.0.0:0", "[::]:0", "192.0.2.1:8080"] {
-        let mut c = command(&["serve", "--listen", listen, "--admin-listen", "127.0.0.1:0"]);
-        c.args(base).env("SELDON_AUTH_PROXY_CLIENT_SECRET", "x");
-        let started = Instant::now();
-        let outcome = run_command(c).await;
-        assert_eq!(outcome.code, Some(2), "{listen}: {outcome:?}");
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert!(
-            outcome.stderr.contains("loopback") && outcome.stderr.contains("listen"),
-            "{listen}: {}",
-            outcome.stderr
-        );
-    }
-}
-
 /// An IdP, an echo upstream and `serve` on ephemeral ports with the test client, `extra` flags and the client
 /// secret (then `env`) in its environment; ready.
 async fn serve_echo(extra: &[&str], env: &[(&str, &str)]) -> (TestIdp, EchoUpstream, ProxyChild) {

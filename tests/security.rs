@@ -255,7 +255,11 @@ async fn a_listener_beyond_loopback_is_refused_without_allow_non_loopback() {
             finished.stderr.trim()
         );
         assert_eq!(finished.code, Some(2), "{}", finished.output());
-        assert!(finished.stderr.contains("loopback"), "{}", finished.stderr);
+        assert!(
+            finished.stderr.contains("loopback") && finished.stderr.contains("listen"),
+            "{}",
+            finished.stderr
+        );
         assert!(
             finished.stderr.contains("--allow-non-loopback"),
             "{}",
