@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use common::http::{client_with_timeout, send_json};
 use common::idp::{jwt_claims, IdpClient, IdpMode, IdpOptions, IdpUser, TestIdp};
+use common::proxy::restartable_port;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -544,7 +545,7 @@ async fn authorization_code_with_pkce_checks_verifier_and_single_use() {
 
 #[tokio::test]
 async fn stats_modes_lifetime_and_restart() {
-    let mut idp = TestIdp::start(options()).await;
+    let mut idp = TestIdp::start(options().port(restartable_port())).await;
     let cc = [("grant_type", "client_credentials")];
     token(&idp, Some((CLIENT, SECRET)), &cc).await;
     token(&idp, Some((CLIENT, "wrong")), &cc).await;

@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::fault_stack::{stack, stop_stack};
+use common::fault_stack::{stack, stack_with, stop_stack};
 use common::fault_upstream::{sha256_hex, unix_now, unix_now_f, Fault, FaultUpstream};
 use common::http::{client, get_text};
 use common::idp::{IdpClient, IdpMode, TestIdp};
 use common::proxy::{
-    client_credentials, error_kind, for_idp, free_port, idp_options, metric, Proxy, API,
+    client_credentials, error_kind, for_idp, free_port, idp_options, metric, restartable_port,
+    Proxy, API,
 };
 use common::proxy_child::ProxyChild;
 use common::raw_http;
@@ -119,7 +120,7 @@ async fn assert_token_unavailable(response: reqwest::Response) -> serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idp_down_at_startup_then_started_on_its_port_makes_the_proxy_ready_without_restart() {
-    let port = free_port();
+    let port = restartable_port();
     let issuer = format!("http://127.0.0.1:{port}/auth/realms/test");
     let upstream = FaultUpstream::start_with(
         &format!("{issuer}/protocol/openid-connect/certs"),
@@ -250,7 +251,8 @@ async fn idp_answering_503_at_startup_then_normal_makes_the_proxy_ready_without_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_credential_serves_until_its_expiry_while_the_idp_is_down_and_retries_back_off() {
     let lifetime = 8;
-    let (idp, upstream, proxy) = stack(lifetime, |s| s).await;
+    let (idp, upstream, proxy) =
+        stack_with(idp_options(lifetime).port(restartable_port()), |s| s).await;
     let port = idp.port;
     let proxy = Arc::new(proxy);
     assert_eq!(proxy.get("/x").await.status(), 200);
@@ -1571,9 +1573,11 @@ async fn a_static_token_already_expired_is_reported_not_reread_in_a_loop_and_rep
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime() {
     let lifetime = 12;
-    let (idp, upstream, proxy) = stack(lifetime, |s| Settings {
-        workers: Some(2),
-        ..s
+    let (idp, upstream, proxy) = stack_with(idp_options(lifetime).port(restartable_port()), |s| {
+        Settings {
+            workers: Some(2),
+            ..s
+        }
     })
     .await;
     let port = idp.port;

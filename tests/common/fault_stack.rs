@@ -7,7 +7,7 @@ use std::time::Duration;
 use seldon_auth_proxy::config::Settings;
 
 use super::fault_upstream::FaultUpstream;
-use super::idp::TestIdp;
+use super::idp::{IdpOptions, TestIdp};
 use super::proxy::{for_idp, idp_options, Proxy};
 
 /// An IdP issuing tokens that live `lifetime` seconds, an upstream verifying them and a proxy with
@@ -16,7 +16,17 @@ pub async fn stack(
     lifetime: u64,
     settings: impl FnOnce(Settings) -> Settings,
 ) -> (TestIdp, FaultUpstream, Proxy) {
-    let idp = TestIdp::start(idp_options(lifetime)).await;
+    stack_with(idp_options(lifetime), settings).await
+}
+
+/// [`stack`] with an IdP started with these options (e.g. on a [`restartable_port`]).
+///
+/// [`restartable_port`]: crate::common::proxy::restartable_port
+pub async fn stack_with(
+    idp: IdpOptions,
+    settings: impl FnOnce(Settings) -> Settings,
+) -> (TestIdp, FaultUpstream, Proxy) {
+    let idp = TestIdp::start(idp).await;
     let upstream = FaultUpstream::start(&idp).await;
     let proxy = Proxy::start(settings(for_idp(&upstream.url(), &idp))).await;
     proxy

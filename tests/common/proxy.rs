@@ -251,3 +251,26 @@ pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
     listener.local_addr().expect("its address").port()
 }
+
+/// A free loopback port for a server a test stops and starts again on the same port. It is
+/// picked at random below the kernel's ephemeral range, which is never handed to a `bind(0)` or
+/// to the local end of an outgoing connection, so no other test takes it while the server is
+/// down (an ephemeral port can be, by any of the connections the other tests open meanwhile).
+pub fn restartable_port() -> u16 {
+    use rand::Rng;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_low <= 12_000 {
+        return free_port();
+    }
+    let mut random = rand::thread_rng();
+    for _ in 0..200 {
+        let port = random.gen_range(10_000..ephemeral_low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
