@@ -1,15 +1,19 @@
 //! The access log: one line per proxied request, formatted straight into a buffer (no tracing
 //! event, no allocation) that all workers share, so lines keep the order requests were answered
-//! in; the buffer reaches the log writer when it is full or when a worker runs out of work.
+//! in; the buffer reaches the log writer when it is full, or at most [`FLUSH_AFTER`] after its
+//! first line, handed over by a thread of its own: no request wakes another thread.
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use tracing_appender::non_blocking::NonBlocking;
 
 use crate::config::LogFormat;
+
+/// How long a line may wait in the buffer when the proxy is not busy enough to fill it.
+pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
 /// The buffered lines are handed to the writer once they reach this size.
 const BATCH_BYTES: usize = 32 * 1024;
@@ -19,6 +23,8 @@ struct Sink {
     format: LogFormat,
     /// Lines not yet handed to the writer, in the order they were recorded.
     pending: Mutex<Vec<u8>>,
+    /// Signalled when the first line goes into an empty buffer.
+    first_line: Condvar,
 }
 
 /// The writer the rest of the log goes to, with its format; set by `logging::init`.
@@ -30,11 +36,38 @@ thread_local! {
 
 /// Makes the access log write to the process's log writer (the same stream and format).
 pub fn install(writer: NonBlocking, format: LogFormat) {
-    let _ = SINK.set(Sink {
+    let installed = SINK.set(Sink {
         writer,
         format,
         pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+        first_line: Condvar::new(),
     });
+    if installed.is_ok() {
+        // Sleeps while no line waits; it lives as long as the process.
+        let _ = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(hand_over_waiting_lines);
+    }
+}
+
+/// Waits for a first line in the buffer, lets more lines gather for [`FLUSH_AFTER`], hands
+/// them all to the writer, and waits again.
+fn hand_over_waiting_lines() {
+    let Some(sink) = SINK.get() else {
+        return;
+    };
+    loop {
+        let mut pending = sink.pending();
+        while pending.is_empty() {
+            pending = sink
+                .first_line
+                .wait(pending)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        drop(pending);
+        std::thread::sleep(FLUSH_AFTER);
+        sink.hand_over(&mut sink.pending());
+    }
 }
 
 /// Whether access lines have somewhere to go and info-level events of `access` are enabled.
@@ -66,15 +99,17 @@ pub fn record(entry: &Entry<'_>) {
         };
         write_line(&mut line, entry, syntax);
         let mut pending = sink.pending();
+        let first = pending.is_empty();
         pending.extend_from_slice(&line);
         if pending.len() >= BATCH_BYTES {
             sink.hand_over(&mut pending);
+        } else if first {
+            sink.first_line.notify_one();
         }
     });
 }
 
-/// Hands the recorded lines to the log writer. Each proxy worker calls it before it sleeps,
-/// so at low load a line reaches the log as soon as its request is answered.
+/// Hands the recorded lines to the log writer now (the proxy does at shutdown).
 pub fn flush() {
     if let Some(sink) = SINK.get() {
         sink.hand_over(&mut sink.pending());

@@ -144,7 +144,6 @@ pub fn spawn_workers(
                 .spawn(move || {
                     match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
-                        .on_thread_park(access_log::flush)
                         .build()
                     {
                         Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
