@@ -1,10 +1,12 @@
 //! The access log: one line per proxied request, formatted straight into a buffer (no tracing
 //! event, no allocation) that all workers share, so lines keep the order requests were answered
 //! in; the buffer reaches the log writer when it is full, or at most [`FLUSH_AFTER`] after its
-//! first line, handed over by a thread of its own: no request wakes another thread.
+//! first line, handed over by a thread of its own, so requests wake another thread at most once
+//! per [`FLUSH_AFTER`] instead of each time a worker runs out of work.
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +27,8 @@ struct Sink {
     pending: Mutex<Vec<u8>>,
     /// Signalled when the first line goes into an empty buffer.
     first_line: Condvar,
+    /// False when the hand-over thread could not be started: each line then goes at once.
+    thread_running: AtomicBool,
 }
 
 /// The writer the rest of the log goes to, with its format; set by `logging::init`.
@@ -34,19 +38,27 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
-/// Makes the access log write to the process's log writer (the same stream and format).
+/// Makes the access log write to the process's log writer (the same stream and format), and
+/// starts the thread that hands the lines over (it sleeps while none wait).
 pub fn install(writer: NonBlocking, format: LogFormat) {
     let installed = SINK.set(Sink {
         writer,
         format,
         pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
         first_line: Condvar::new(),
+        thread_running: AtomicBool::new(true),
     });
     if installed.is_ok() {
-        // Sleeps while no line waits; it lives as long as the process.
-        let _ = std::thread::Builder::new()
+        let started = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(hand_over_waiting_lines);
+        if let (Err(e), Some(sink)) = (started, SINK.get()) {
+            // Logging is being set up: this is the one place left to say it.
+            eprintln!(
+                "seldon-auth-proxy: access lines are written one by one: no thread for them ({e})"
+            );
+            sink.thread_running.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -101,15 +113,17 @@ pub fn record(entry: &Entry<'_>) {
         let mut pending = sink.pending();
         let first = pending.is_empty();
         pending.extend_from_slice(&line);
-        if pending.len() >= BATCH_BYTES {
+        if pending.len() >= BATCH_BYTES || !sink.thread_running.load(Ordering::Relaxed) {
             sink.hand_over(&mut pending);
         } else if first {
+            // Woken after the lock is let go, so the thread does not wait for it.
+            drop(pending);
             sink.first_line.notify_one();
         }
     });
 }
 
-/// Hands the recorded lines to the log writer now (the proxy does at shutdown).
+/// Hands the recorded lines to the log writer now (the proxy does once its workers are done).
 pub fn flush() {
     if let Some(sink) = SINK.get() {
         sink.hand_over(&mut sink.pending());

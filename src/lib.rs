@@ -178,6 +178,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             for done in workers_done {
                 let _ = done.await;
             }
+            // Every worker's last lines, also those of one that ended abnormally.
+            access_log::flush();
             background.cancel();
             admin_stop.cancel();
             let _ = admin_task.await;

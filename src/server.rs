@@ -14,7 +14,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
-use crate::access_log;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
@@ -276,6 +275,5 @@ async fn accept_loop<A: Acceptor>(
             tracing::warn!("shutdown grace period ended with requests still in flight");
         }
     }
-    access_log::flush();
     Ok(())
 }

@@ -26,7 +26,8 @@ const MAX_TRANSIENT_BACKOFF: Duration = Duration::from_secs(10);
 const CONFIGURATION_RETRY: Duration = Duration::from_secs(60);
 /// An upstream 401 invalidates a credential at most this often.
 const MIN_INVALIDATION_INTERVAL: Duration = Duration::from_secs(5);
-/// A failing refresh is retried this long before the held credential's cutoff at the latest.
+/// A failing refresh is retried this long before the held credential's cutoff at the latest
+/// (or [`MIN_RETRY`] after the failure, when less than that is left).
 const LAST_CHANCE_MARGIN: Duration = Duration::from_millis(500);
 /// The shortest retry delay, so failures never spin.
 const MIN_RETRY: Duration = Duration::from_millis(200);
@@ -338,7 +339,7 @@ impl CredentialManager {
                             token: acquired.token,
                         });
                         self.latest.store(Some(credential.clone()));
-                        // Counted once requests can have it: whoever sees the count sees it.
+                        // Counted once requests (which read `latest`) can have it.
                         self.metrics.token_request(credential.grant, true);
                         Ok(Op::Put(credential))
                     }
@@ -454,9 +455,9 @@ impl CredentialManager {
 ///
 /// A transient failure is retried after 1 s, 2 s, 4 s ... up to [`MAX_TRANSIENT_BACKOFF`]
 /// (times `jitter`), but while a held credential is still usable (`usable_for`) never later
-/// than [`LAST_CHANCE_MARGIN`] before it stops being so, and at least every [`MIN_RETRY`]
-/// in its last moments: an IdP that comes back before the credential runs out causes no
-/// failed call. Once nothing usable is held, the plain backoff spares a failing IdP.
+/// than [`LAST_CHANCE_MARGIN`] before it stops being so, and in its last moments every
+/// [`MIN_RETRY`] (never sooner): an IdP that comes back before the credential runs out causes
+/// no failed call. Once nothing usable is held, the plain backoff spares a failing IdP.
 fn retry_delay(
     class: FailureClass,
     attempts: u32,
