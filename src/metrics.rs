@@ -40,9 +40,9 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; 14],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
-    token_ok: [AtomicU64; 7],
-    token_error: [AtomicU64; 7],
-    proxy_errors: [AtomicU64; 11],
+    token_ok: [AtomicU64; GRANTS.len()],
+    token_error: [AtomicU64; GRANTS.len()],
+    proxy_errors: [AtomicU64; ERROR_KINDS.len()],
     upstream_401: AtomicU64,
 }
 

@@ -187,15 +187,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         return;
     }
     // The usual values name no header: `keep-alive`, `close`.
-    let names_nothing = |value: &HeaderValue| {
-        let value = value.as_bytes();
-        value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+    let names_nothing = |token: &[u8]| {
+        token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
     };
     if present[0]
         && !headers
             .get_all(header::CONNECTION)
             .iter()
-            .all(names_nothing)
+            .all(|value| names_nothing(value.as_bytes()))
     {
         let listed: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -203,9 +202,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close")
-            })
+            .filter(|token| !names_nothing(token.as_bytes()))
             .filter_map(|token| HeaderName::try_from(token).ok())
             .collect();
         for name in listed {
@@ -356,7 +353,9 @@ impl Forwarder {
                         // The refused response gives up its connection and its place among
                         // the upstream requests in flight before the replay takes one.
                         drop(response);
-                        response = self.send(rebuild(replay_head, &fresh, body)).await?;
+                        response = self
+                            .send_once(rebuild(replay_head, &fresh, body), false)
+                            .await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
@@ -429,15 +428,6 @@ impl Forwarder {
             .await
             .map_err(|_| SendError::Timeout(timeout))?
             .map_err(SendError::Upstream)
-    }
-
-    async fn send(
-        &self,
-        request: Request<ForwardBody>,
-    ) -> Result<Response<PooledBody>, ProxyError> {
-        self.send_once(request, false)
-            .await
-            .map_err(ProxyError::from)
     }
 }
 

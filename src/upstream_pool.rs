@@ -94,12 +94,9 @@ impl UpstreamPool {
         Some(InFlight { _permit: permit })
     }
 
-    /// A place among the requests in flight, waiting while `max_in_flight` requests hold one
-    /// (bound the wait with a timeout).
+    /// A place among the requests in flight, waiting for one while `max_in_flight` requests
+    /// hold one (try [`Self::try_admit`] first; bound the wait with a timeout).
     pub async fn admit(&self) -> Result<InFlight, UpstreamError> {
-        if let Some(place) = self.try_admit() {
-            return Ok(place);
-        }
         tracing::debug!("upstream_max_connections reached; the request waits");
         // Fails only if the semaphore were closed, which it never is.
         self.in_flight

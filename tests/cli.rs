@@ -614,8 +614,15 @@ async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
 async fn sigterm_turns_readyz_off_drains_the_in_flight_request_then_refuses_and_exits_0() {
     const DELAY: Duration = Duration::from_secs(2);
     const GRACE: Duration = Duration::from_secs(20);
-    let (idp, echo, mut served) =
-        serve_echo(&["--shutdown-delay", "2s", "--shutdown-grace", "20s"], &[]).await;
+    let (delay, grace) = (
+        format!("{}s", DELAY.as_secs()),
+        format!("{}s", GRACE.as_secs()),
+    );
+    let (idp, echo, mut served) = serve_echo(
+        &["--shutdown-delay", &delay, "--shutdown-grace", &grace],
+        &[],
+    )
+    .await;
     let proxy_addr = served.proxy;
 
     // A slow request (the upstream answers after 8 s) is in flight when SIGTERM arrives.

@@ -1062,9 +1062,9 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
     let started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..8 {
-        let url = proxy.api("/slow");
+        let (http, url) = (proxy.http.clone(), proxy.api("/slow"));
         calls.spawn(async move {
-            let response = reqwest::Client::new().get(url).send().await.unwrap();
+            let response = http.get(url).send().await.unwrap();
             response.status().as_u16()
         });
     }
@@ -1095,11 +1095,7 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
         hogs.push(response);
     }
     let started = Instant::now();
-    let waited = reqwest::Client::new()
-        .get(proxy.api("/x"))
-        .send()
-        .await
-        .unwrap();
+    let waited = proxy.get("/x").await;
     assert_eq!(waited.status(), 503);
     assert_eq!(error_kind(&waited).as_deref(), Some("upstream_busy"));
     assert_eq!(waited.headers()["retry-after"], "1");
@@ -1112,11 +1108,7 @@ async fn requests_beyond_upstream_max_connections_wait_their_turn_within_the_ups
     // Once a caller gives up on its endless body, its place is free again.
     drop(hogs.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let freed = reqwest::Client::new()
-        .get(proxy.api("/x"))
-        .send()
-        .await
-        .unwrap();
+    let freed = proxy.get("/x").await;
     assert_eq!(freed.status(), 200);
     drop(hogs);
     stop_stack(idp, upstream, proxy).await;
@@ -1196,11 +1188,7 @@ async fn a_connection_still_sending_a_body_the_upstream_already_answered_is_not_
     // The connection under that upload is busy for as long as the caller dawdles: the next
     // call must not wait for it.
     let started = Instant::now();
-    let next = reqwest::Client::new()
-        .get(proxy.api("/x"))
-        .send()
-        .await
-        .unwrap();
+    let next = proxy.get("/x").await;
     assert_eq!(next.status(), 200, "{:?}", error_kind(&next));
     assert!(
         started.elapsed() < Duration::from_secs(1),
@@ -1581,7 +1569,6 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     })
     .await;
     let port = idp.port;
-    let mut idp = Some(idp);
     let proxy = Arc::new(proxy);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let loops = call_loops(
@@ -1592,7 +1579,6 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
         stop.clone(),
     );
     let started = Instant::now();
-    let token_requests = AtomicU64::new(0);
 
     // Once the first refresh is seen, stop the IdP at once (connections refused), so that the next refresh (at
     // half the new token's life, ±5%: 5.2-6.3 s before its exp) falls in the outage. When that refresh has failed,
@@ -1614,10 +1600,9 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     let (_, exp) = newest(&upstream).unwrap();
     let exp = exp as f64;
     let back_at_unix = exp - 2.3;
-    let before = idp.as_ref().unwrap().total_token_requests().await;
-    token_requests.fetch_add(before, Ordering::SeqCst);
+    let before = idp.total_token_requests().await;
     let outage_started = Instant::now();
-    idp.take().unwrap().stop().await;
+    idp.stop().await;
     let failed_attempts = || async {
         metric(
             &proxy.metrics().await,
@@ -1642,27 +1627,25 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     // Token requests answered 503 by the restarted IdP are part of the outage, not of "after".
     let answered_503 = restarted.total_token_requests().await;
     restarted.set_mode(IdpMode::Normal).await;
-    idp = Some(restarted);
+    let idp = restarted;
     let outage = outage_started.elapsed();
     let back_at = Instant::now();
     let back_before_exp = exp - unix_now_f();
-    let failed_attempts = failed_attempts().await;
+    let failed_before_back = failed_attempts().await;
     let mut ready_after = None;
     while started.elapsed() < Duration::from_secs(32) {
-        if ready_after.is_none()
-            && idp.as_ref().unwrap().total_token_requests().await > answered_503
-        {
+        if ready_after.is_none() && idp.total_token_requests().await > answered_503 {
             ready_after = Some(back_at.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
     let calls = loops.await.unwrap();
-    let after = idp.as_ref().unwrap().total_token_requests().await - answered_503;
+    let after = idp.total_token_requests().await - answered_503;
     let failed: Vec<&Call> = calls.iter().filter(|c| c.status != 200).collect();
     let seen = upstream.requests();
     println!(
-        "soak: 20 loops for {:.1} s, token lifetime {lifetime} s, IdP outage {:.2} s (restart took {restart_took:.2} s, keys changed, back {back_before_exp:.2} s before exp, {failed_attempts} token requests failed meanwhile, {answered_503} of them answered 503 after the restart), first token request after it was back {:?}\n  {} calls, {} failed ({}), {} token requests ({before} before the outage, {after} after); upstream saw {} requests, {} refused with 401 and replayed",
+        "soak: 20 loops for {:.1} s, token lifetime {lifetime} s, IdP outage {:.2} s (restart took {restart_took:.2} s, keys changed, back {back_before_exp:.2} s before exp, {failed_before_back} token requests failed meanwhile, {answered_503} of them answered 503 after the restart), first token request after it was back {:?}\n  {} calls, {} failed ({}), {} token requests ({before} before the outage, {after} after); upstream saw {} requests, {} refused with 401 and replayed",
         started.elapsed().as_secs_f64(),
         outage.as_secs_f64(),
         ready_after,
@@ -1697,5 +1680,5 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
         before + after
     );
     let proxy = Arc::try_unwrap(proxy).ok().unwrap();
-    stop_stack(idp.take().unwrap(), upstream, proxy).await;
+    stop_stack(idp, upstream, proxy).await;
 }

@@ -162,7 +162,6 @@ pub fn listening_addresses(line: &str) -> Option<(SocketAddr, SocketAddr)> {
 /// A running proxy process, its stdout and stderr collected. Killed when dropped.
 pub struct ProxyChild {
     child: Child,
-    pid: u32,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
     stdout: Arc<Mutex<Vec<String>>>,
@@ -178,7 +177,6 @@ impl ProxyChild {
         let mut command = command(args);
         command.envs(env.iter().copied());
         let mut child = command.spawn().expect("the binary runs");
-        let pid = child.id().expect("a pid");
         let (stdout, stdout_done) = collect(child.stdout.take().expect("piped stdout"));
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (listening, mut heard) = oneshot::channel();
@@ -221,7 +219,6 @@ impl ProxyChild {
         };
         ProxyChild {
             child,
-            pid,
             proxy,
             admin,
             stdout,
