@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod proxy;
 pub mod secret;
 pub mod server;
+pub mod upstream_http1;
 pub mod upstream_pool;
 
 use std::net::SocketAddr;

@@ -20,7 +20,7 @@ use crate::credential::{session, Credential, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
-use crate::outbound::{is_stale_connection, UpstreamTcp};
+use crate::outbound::UpstreamTcp;
 use crate::upstream_pool::{self, PooledBody, UpstreamError, UpstreamPool};
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
@@ -326,9 +326,7 @@ impl Forwarder {
             Ok(response) => response,
             // A pooled connection the upstream had closed: an idempotent request whose body is
             // still at hand goes once more, on a fresh connection, invisibly.
-            Err(SendError::Upstream(e))
-                if idempotent && !e.is_connect() && is_stale_connection(&e) =>
-            {
+            Err(SendError::Upstream(e)) if idempotent && e.is_stale() => {
                 let Some(body) = body_again(copy.as_ref()) else {
                     return Err(classify_upstream_error(e));
                 };

@@ -3,9 +3,9 @@
 //! stay open, closed after sitting idle, and no more requests in flight than a set limit (so
 //! a thousand callers do not open a thousand upstream connections, each with its buffers).
 //!
-//! Written on hyper's connection API rather than hyper-util's general-purpose client: a worker
-//! talks to one origin from one thread, so the general client's per-request work (a connector
-//! clone, a keyed pool lookup, a task spawned to watch each connection come back) buys nothing.
+//! A worker talks to one origin from one thread, so a general-purpose client's per-request work
+//! (a connector clone, a keyed pool lookup, a task per connection) buys nothing: connections
+//! are [`Connection`]s of our own, read and written by the request using them.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -16,17 +16,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 use tower::ServiceExt;
 
 use crate::body::ForwardBody;
 use crate::outbound::UpstreamTcp;
+use crate::upstream_http1::{Connection, Http1Error, SendFailure};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upstream connection's stream: plain TCP, or TLS over it.
+type UpstreamIo = Either<TcpStream, TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>;
+
+/// A connection, boxed so that handing it between the pool and a response moves a pointer.
+type PooledConnection = Box<Connection<UpstreamIo>>;
 
 /// Why a request got no response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +42,17 @@ pub enum UpstreamError {
     #[error("connecting to the upstream failed")]
     Connect(#[source] BoxError),
     #[error("the upstream connection failed")]
-    Request(#[source] hyper::Error),
+    Request(#[source] Http1Error),
 }
 
 impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect(_))
+    }
+
+    /// Whether the connection was found closed or reset before an answer came.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, UpstreamError::Request(e) if e.is_stale())
     }
 }
 
@@ -53,7 +66,7 @@ pub struct Limits {
 }
 
 struct IdleConnection {
-    sender: SendRequest<ForwardBody>,
+    connection: PooledConnection,
     since: Instant,
 }
 
@@ -116,104 +129,98 @@ impl UpstreamPool {
         fresh: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let pooled = if fresh { None } else { self.checkout() };
-        let mut sender = match pooled {
-            Some(sender) => sender,
+        let mut connection = match pooled {
+            Some(connection) => connection,
             None => self.connect().await?,
         };
-        let response = match sender.try_send_request(request).await {
-            Ok(response) => response,
-            Err(mut error) => match error.take_message() {
-                // The connection closed before any of the request was written (a pooled one the
-                // upstream had just closed): it goes once more on a new connection, whatever
-                // its method, since the upstream never saw it.
-                Some(unsent) => {
-                    tracing::debug!("a pooled upstream connection closed before the request went out; sending it on a new one");
-                    sender = self.connect().await?;
-                    sender
-                        .send_request(unsent)
-                        .await
-                        .map_err(UpstreamError::Request)?
-                }
-                None => return Err(UpstreamError::Request(error.into_error())),
-            },
+        let head = match connection.send(request).await {
+            Ok(head) => head,
+            // The connection failed before any of the request was written (a pooled one the
+            // upstream had just closed): it goes once more on a new connection, whatever
+            // its method, since the upstream never saw it.
+            Err(SendFailure::Unsent(unsent, error)) => {
+                tracing::debug!("a pooled upstream connection failed before the request went out ({error}); sending it on a new one");
+                connection = self.connect().await?;
+                connection
+                    .send(unsent)
+                    .await
+                    .map_err(|failure| match failure {
+                        SendFailure::Unsent(_, e) | SendFailure::Failed(e) => {
+                            UpstreamError::Request(e)
+                        }
+                    })?
+            }
+            Err(SendFailure::Failed(error)) => return Err(UpstreamError::Request(error)),
         };
-        let (parts, inner) = response.into_parts();
         let mut body = PooledBody {
-            inner,
-            owner: Some((sender, self.clone(), place)),
+            owner: Some((connection, self.clone(), place)),
         };
-        if body.inner.is_end_stream() {
+        if body.owner.as_ref().is_some_and(|(c, ..)| c.response_done()) {
             body.release();
         }
-        Ok(Response::from_parts(parts, body))
+        Ok(Response::from_parts(head, body))
     }
 
     fn idle(&self) -> MutexGuard<'_, VecDeque<IdleConnection>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The most recently used idle connection that is ready for a request and not past its
-    /// idle time.
-    fn checkout(&self) -> Option<SendRequest<ForwardBody>> {
+    /// The most recently used idle connection that is still open and not past its idle time.
+    fn checkout(&self) -> Option<PooledConnection> {
         loop {
-            let candidate = self.idle().pop_back()?;
-            // Only ready connections are pooled; one that is no longer ready has closed.
-            if candidate.since.elapsed() < self.idle_timeout && candidate.sender.is_ready() {
-                return Some(candidate.sender);
+            let mut candidate = self.idle().pop_back()?;
+            if candidate.since.elapsed() < self.idle_timeout && candidate.connection.is_usable() {
+                return Some(candidate.connection);
             }
-            // Dropping the sender closes the connection.
+            // Dropping the connection closes it.
         }
     }
 
     /// Pools a connection whose response has ended. One still writing its request body (the
     /// upstream answered before reading it all) is pooled once that is done, and keeps its
     /// place among the requests in flight until then.
-    fn give_back(self: Arc<Self>, mut sender: SendRequest<ForwardBody>, place: InFlight) {
-        if sender.is_ready() {
+    fn give_back(self: Arc<Self>, mut connection: PooledConnection, place: InFlight) {
+        if connection.is_reusable() {
             drop(place);
-            self.pool(sender);
-        } else if !sender.is_closed() {
+            self.pool(connection);
+        } else if connection.request_body_pending() {
             tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
+                if connection.finish_request_body().await.is_ok() && connection.is_reusable() {
                     drop(place);
-                    self.pool(sender);
+                    self.pool(connection);
                 }
             });
         }
     }
 
-    fn pool(&self, sender: SendRequest<ForwardBody>) {
+    fn pool(&self, connection: PooledConnection) {
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push_back(IdleConnection {
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<SendRequest<ForwardBody>, UpstreamError> {
+    async fn connect(self: &Arc<Self>) -> Result<PooledConnection, UpstreamError> {
         self.start_sweeper();
-        let io = self
+        let stream = self
             .connector
             .clone()
             .oneshot(self.destination.clone())
             .await
             .map_err(UpstreamError::Connect)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!("upstream connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        let io = match stream {
+            MaybeHttpsStream::Http(tcp) => Either::Left(tcp.into_inner()),
+            tls => Either::Right(TokioIo::new(tls)),
+        };
+        Ok(Box::new(Connection::new(io)))
     }
 
-    /// Closes connections idle too long even when no request comes to find them, until the
-    /// pool is dropped. Started by the first connection, on the worker's runtime.
+    /// Closes connections idle too long, or closed by the upstream, even when no request comes
+    /// to find them, until the pool is dropped. Started by the first connection, on the
+    /// worker's runtime.
     fn start_sweeper(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.sweeper_started.swap(true, Ordering::Relaxed) {
@@ -229,18 +236,17 @@ impl UpstreamPool {
                 let Some(pool) = pool.upgrade() else { break };
                 let timeout = pool.idle_timeout;
                 pool.idle()
-                    .retain(|c| c.since.elapsed() < timeout && !c.sender.is_closed());
+                    .retain_mut(|c| c.since.elapsed() < timeout && c.connection.is_usable());
             }
         });
     }
 }
 
 /// A response body from a pooled connection: once read to its end, the connection goes back
-/// to the pool; dropped earlier, the connection closes (hyper cannot reuse it).
+/// to the pool; dropped earlier, the connection closes.
 pub struct PooledBody {
-    inner: Incoming,
     /// The connection, its pool and the request's place in flight, until the body ends.
-    owner: Option<(SendRequest<ForwardBody>, Arc<UpstreamPool>, InFlight)>,
+    owner: Option<(PooledConnection, Arc<UpstreamPool>, InFlight)>,
 }
 
 /// A request's place among those in flight to the upstream; dropping it frees the place.
@@ -250,39 +256,55 @@ pub struct InFlight {
 
 impl PooledBody {
     fn release(&mut self) {
-        if let Some((sender, pool, place)) = self.owner.take() {
-            pool.give_back(sender, place);
+        if let Some((connection, pool, place)) = self.owner.take() {
+            pool.give_back(connection, place);
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Http1Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            // hyper's server stops reading a body after its trailers.
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() || this.inner.is_end_stream() => {
-                this.release()
+        let Some((connection, ..)) = &mut this.owner else {
+            return Poll::Ready(None);
+        };
+        match connection.poll_body(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                // hyper stops polling once a body of known length is complete.
+                if connection.response_done() {
+                    this.release();
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
             }
-            Poll::Ready(Some(Err(_))) => this.owner = None, // the connection and the place go
-            _ => {}
+            Poll::Ready(None) => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.owner = None; // the connection and the place go
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.owner
+            .as_ref()
+            .map_or(true, |(connection, ..)| connection.response_done())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.owner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |(connection, ..)| {
+                connection.size_hint()
+            })
     }
 }
