@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::access_log;
 use crate::body::{ForwardBody, ReplayCopy};
-use crate::credential::{session, Credential, CredentialManager};
+use crate::credential::{session, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
@@ -306,23 +306,14 @@ impl Forwarder {
         headers.insert(REQUEST_ID, request_id.clone());
         parts.version = http::Version::HTTP_11;
         let (body, copy) = ForwardBody::from_incoming(body);
-        // Kept for a replay after a 401: the head without its credential.
-        let replay_head = (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        );
-        parts.headers.insert(
+        headers.insert(
             credential.header_name.clone(),
             credential.header_value.clone(),
         );
 
         let sent = Instant::now();
         let idempotent = parts.method.is_idempotent();
-        let mut response = match self
-            .send_once(Request::from_parts(parts, body), false)
-            .await
-        {
+        let mut response = match self.send_once(&parts, body, false).await {
             Ok(response) => response,
             // A pooled connection the upstream had closed: an idempotent request whose body is
             // still at hand goes once more, on a fresh connection, invisibly.
@@ -331,8 +322,7 @@ impl Forwarder {
                     return Err(classify_upstream_error(e));
                 };
                 tracing::debug!("a pooled upstream connection was closed; retrying on a fresh one");
-                self.send_once(rebuild(replay_head.clone(), &credential, body), true)
-                    .await?
+                self.send_once(&parts, body, true).await?
             }
             Err(e) => return Err(e.into()),
         };
@@ -351,9 +341,11 @@ impl Forwarder {
                         // The refused response gives up its connection and its place among
                         // the upstream requests in flight before the replay takes one.
                         drop(response);
-                        response = self
-                            .send_once(rebuild(replay_head, &fresh, body), false)
-                            .await?;
+                        parts.headers.remove(&credential.header_name);
+                        parts
+                            .headers
+                            .insert(fresh.header_name.clone(), fresh.header_value.clone());
+                        response = self.send_once(&parts, body, false).await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
@@ -410,7 +402,8 @@ impl Forwarder {
     /// the requests in flight is free; each wait is bounded by the response-head timeout.
     async fn send_once(
         &self,
-        request: Request<ForwardBody>,
+        head: &http::request::Parts,
+        body: ForwardBody,
         fresh: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let timeout = self.shared.upstream_timeout;
@@ -422,7 +415,7 @@ impl Forwarder {
                 .map_err(|_| SendError::Busy(timeout))?
                 .map_err(SendError::Upstream)?,
         };
-        tokio::time::timeout(timeout, self.pool.send(place, request, fresh))
+        tokio::time::timeout(timeout, self.pool.send(place, head, body, fresh))
             .await
             .map_err(|_| SendError::Timeout(timeout))?
             .map_err(SendError::Upstream)
@@ -459,23 +452,6 @@ fn body_again(copy: Option<&ReplayCopy>) -> Option<ForwardBody> {
             }
         }),
     }
-}
-
-/// A request again from its head without a credential, with `credential` (a retry or a replay).
-fn rebuild(
-    (method, uri, mut headers): (http::Method, Uri, HeaderMap),
-    credential: &Credential,
-    body: ForwardBody,
-) -> Request<ForwardBody> {
-    headers.insert(
-        credential.header_name.clone(),
-        credential.header_value.clone(),
-    );
-    let mut request = Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    request
 }
 
 /// Names what went wrong talking to the upstream without echoing anything sensitive.

@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::{Body, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -79,8 +79,8 @@ impl Http1Error {
 
 /// Why [`Connection::send`] got no response head.
 pub enum SendFailure {
-    /// Nothing of the request was written: it is handed back to go on another connection.
-    Unsent(Request<ForwardBody>, Http1Error),
+    /// Nothing of the request was written: its body is handed back, for another connection.
+    Unsent(ForwardBody, Http1Error),
     Failed(Http1Error),
 }
 
@@ -196,15 +196,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         }
     }
 
-    /// Sends `request` (its target in origin form) and reads the response head, writing the
-    /// request body meanwhile; the body that may remain is written while the response body
-    /// is read. Interim 1xx responses are skipped.
+    /// Sends a request with `head` (its target in origin form) and `body`, and reads the
+    /// response head, writing the body meanwhile; what may remain of the body is written while
+    /// the response body is read. Interim 1xx responses are skipped.
     pub async fn send(
         &mut self,
-        request: Request<ForwardBody>,
+        head: &http::request::Parts,
+        body: ForwardBody,
     ) -> Result<http::response::Parts, SendFailure> {
-        let (parts, body) = request.into_parts();
-        let chunked = encode_head(&mut self.out.buf, &parts, &body);
+        let chunked = encode_head(&mut self.out.buf, head, &body);
         self.out.sent_any = false;
         self.framing = Framing::Done;
         self.keep_alive = true;
@@ -214,13 +214,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 SendFailure::Failed(e.into())
             } else {
                 self.out = Outgoing::default();
-                SendFailure::Unsent(Request::from_parts(parts, body), e.into())
+                SendFailure::Unsent(body, e.into())
             });
         }
         if !body.is_end_stream() {
             self.request_body = Some(RequestBody { body, chunked });
         }
-        let head_request = parts.method == Method::HEAD;
+        let head_request = head.method == Method::HEAD;
         poll_fn(|cx| {
             if self.request_body_pending() {
                 // A failure to write ends the request body; a head may still come (an upstream
@@ -730,8 +730,8 @@ mod tests {
         (Connection::new(ours), upstream)
     }
 
-    fn get(path: &str) -> Request<ForwardBody> {
-        Request::builder()
+    fn get(path: &str) -> http::Request<ForwardBody> {
+        http::Request::builder()
             .uri(path)
             .header("host", "platform")
             .body(ForwardBody::Empty)
@@ -747,7 +747,7 @@ mod tests {
     }
 
     async fn exchange(
-        request: Request<ForwardBody>,
+        request: http::Request<ForwardBody>,
         answer: &'static [u8],
     ) -> (
         Result<(http::response::Parts, Vec<u8>), Http1Error>,
@@ -755,7 +755,8 @@ mod tests {
         String,
     ) {
         let (mut connection, upstream) = scripted(answer);
-        let result = match connection.send(request).await {
+        let (head, body) = request.into_parts();
+        let result = match connection.send(&head, body).await {
             Ok(parts) => read_body(&mut connection).await.map(|body| (parts, body)),
             Err(SendFailure::Failed(e) | SendFailure::Unsent(_, e)) => Err(e),
         };
@@ -865,7 +866,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_go_with_their_length_or_in_chunks() {
-        let buffered = Request::post("/x")
+        let buffered = http::Request::post("/x")
             .header("content-length", "999")
             .body(ForwardBody::Buffered(Some(Bytes::from_static(
                 b"{\"a\":1}",
@@ -877,7 +878,7 @@ mod tests {
             "POST /x HTTP/1.1\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
 
-        let empty_post = Request::post("/x")
+        let empty_post = http::Request::post("/x")
             .header("content-length", "0")
             .body(ForwardBody::Empty)
             .unwrap();

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, Uri};
+use http::{Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::rt::TokioIo;
@@ -120,12 +120,13 @@ impl UpstreamPool {
             .map_err(|e| UpstreamError::Connect(Box::new(e)))
     }
 
-    /// Sends `request` (in origin form) on an idle connection, or on a new one when none is
-    /// left or when `fresh` (a retry after a stale pooled one).
+    /// Sends a request with `head` (in origin form) and `body` on an idle connection, or on a
+    /// new one when none is left or when `fresh` (a retry after a stale pooled one).
     pub async fn send(
         self: &Arc<Self>,
         place: InFlight,
-        request: Request<ForwardBody>,
+        head: &http::request::Parts,
+        body: ForwardBody,
         fresh: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let pooled = if fresh { None } else { self.checkout() };
@@ -133,8 +134,8 @@ impl UpstreamPool {
             Some(connection) => connection,
             None => self.connect().await?,
         };
-        let head = match connection.send(request).await {
-            Ok(head) => head,
+        let response_head = match connection.send(head, body).await {
+            Ok(response_head) => response_head,
             // The connection failed before any of the request was written (a pooled one the
             // upstream had just closed): it goes once more on a new connection, whatever
             // its method, since the upstream never saw it.
@@ -142,7 +143,7 @@ impl UpstreamPool {
                 tracing::debug!("a pooled upstream connection failed before the request went out ({error}); sending it on a new one");
                 connection = self.connect().await?;
                 connection
-                    .send(unsent)
+                    .send(head, unsent)
                     .await
                     .map_err(|failure| match failure {
                         SendFailure::Unsent(_, e) | SendFailure::Failed(e) => {
@@ -158,7 +159,7 @@ impl UpstreamPool {
         if body.owner.as_ref().is_some_and(|(c, ..)| c.response_done()) {
             body.release();
         }
-        Ok(Response::from_parts(head, body))
+        Ok(Response::from_parts(response_head, body))
     }
 
     fn idle(&self) -> MutexGuard<'_, VecDeque<IdleConnection>> {

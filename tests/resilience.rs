@@ -1026,15 +1026,25 @@ async fn an_endpoint_that_always_answers_401_costs_at_most_one_token_request_per
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_calls_reuse_one_upstream_connection_whatever_their_bodies() {
     let (idp, upstream, proxy) = stack(60, |s| s).await;
+    upstream.add_fault("/no-content", Fault::Status(204));
+    upstream.add_fault("/not-modified", Fault::Status(304));
     for i in 0..30 {
-        // Bodies read to their end, and answers without a body, both hand the connection back.
-        let response = if i % 3 == 2 {
-            proxy.http.head(proxy.api("/x")).send().await.unwrap()
-        } else {
-            proxy.get("/x").await
+        // Bodies read to their end, and answers without a body (HEAD, 204, 304), all hand the
+        // connection back.
+        let (response, status) = match i % 4 {
+            1 => (proxy.http.head(proxy.api("/x")).send().await.unwrap(), 200),
+            2 => (proxy.get("/no-content").await, 204),
+            3 => (proxy.get("/not-modified").await, 304),
+            _ => (proxy.get("/x").await, 200),
         };
-        assert_eq!(response.status(), 200);
-        let _ = response.bytes().await.unwrap();
+        assert_eq!(response.status(), status);
+        let body = tokio::time::timeout(Duration::from_secs(5), response.bytes())
+            .await
+            .expect("the body ends")
+            .unwrap();
+        if i % 4 != 0 {
+            assert!(body.is_empty(), "{body:?}");
+        }
     }
     let seen = upstream.requests();
     assert_eq!(seen.len(), 30);
@@ -1318,6 +1328,60 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
     }
     assert_eq!(proxy.get("/fast").await.status(), 200);
     stop_stack(idp, upstream, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_answering_something_other_than_http_is_a_502_that_says_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idp = TestIdp::start(idp_options(60)).await;
+    // An upstream that reads a request head and answers with something that is not HTTP/1.1.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_url = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => received.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n").await;
+                while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let proxy = Proxy::start(Settings {
+        upstream_timeout: Some(Duration::from_secs(5)),
+        ..for_idp(&upstream_url, &idp)
+    })
+    .await;
+    proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let started = Instant::now();
+    let response = proxy.get("/x").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        error_kind(&response).as_deref(),
+        Some("upstream_unreachable")
+    );
+    let body: serde_json::Value = response.json().await.unwrap();
+    println!("non-HTTP upstream: {body} after {:?}", started.elapsed());
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not valid HTTP/1.1")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "not the timeout"
+    );
+    proxy.stop().await;
+    upstream.abort();
+    let _ = upstream.await;
+    idp.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
