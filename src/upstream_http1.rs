@@ -114,10 +114,12 @@ struct Outgoing {
     buf: Vec<u8>,
     written: usize,
     data: Option<Bytes>,
-    /// A chunk's closing CRLF, to write after `data`.
-    crlf_after_data: bool,
+    /// What follows `data`: a chunk's closing CRLF, and the last chunk when the body ended.
+    after_data: &'static [u8],
     /// Whether any byte of the current request went out.
     sent_any: bool,
+    /// Whether bytes were written and not yet flushed (TLS keeps some until flushed).
+    unflushed: bool,
 }
 
 /// A request body still being written.
@@ -172,8 +174,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     pub fn is_reusable(&self) -> bool {
         self.keep_alive
             && matches!(self.framing, Framing::Done)
-            && self.request_body.is_none()
-            && self.out.is_empty()
+            && !self.request_body_pending()
             && self.read_buf.is_empty()
     }
 
@@ -184,7 +185,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
 
     /// Whether the request body is still being written (the upstream answered early).
     pub fn request_body_pending(&self) -> bool {
-        self.request_body.is_some() || !self.out.is_empty()
+        self.request_body.is_some() || !self.out.is_empty() || self.out.unflushed
     }
 
     /// The response body's size, when it is known.
@@ -223,10 +224,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         let head_request = head.method == Method::HEAD;
         poll_fn(|cx| {
             if self.request_body_pending() {
-                // A failure to write ends the request body; a head may still come (an upstream
-                // refusing the body early), or reading fails too and says why.
-                if let Poll::Ready(Err(e)) = self.poll_send_body(cx) {
-                    tracing::debug!("the request body could not be sent whole: {e}");
+                match self.poll_send_body(cx) {
+                    // The caller's body failed: the upstream would wait for the rest forever.
+                    Poll::Ready(Err(e @ Http1Error::RequestBody(_))) => return Poll::Ready(Err(e)),
+                    // A failure to write: a head may still come (an upstream refusing the body
+                    // early), or reading fails too and says why.
+                    Poll::Ready(Err(e)) => {
+                        tracing::debug!("the request body could not be sent whole: {e}")
+                    }
+                    _ => {}
                 }
             }
             self.poll_head(cx, head_request)
@@ -281,11 +287,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         }
     }
 
-    /// Writes the rest of the request body, when the upstream answered before reading it all.
-    pub async fn finish_request_body(&mut self) -> Result<(), Http1Error> {
-        poll_fn(|cx| self.poll_send_body(cx)).await
-    }
-
     fn cut_short(&mut self) -> Http1Error {
         self.keep_alive = false;
         Http1Error::Incomplete
@@ -307,6 +308,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             out.sent_any = true;
+            out.unflushed = true;
             if out.written < out.buf.len() {
                 out.written += n;
                 if out.written == out.buf.len() {
@@ -320,13 +322,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 data.advance(n);
                 if data.is_empty() {
                     out.data = None;
-                    if std::mem::take(&mut out.crlf_after_data) {
-                        out.buf.extend_from_slice(b"\r\n");
-                    }
+                    out.buf
+                        .extend_from_slice(std::mem::take(&mut out.after_data));
                 }
             }
         }
-        Pin::new(&mut self.io).poll_flush(cx)
+        if out.unflushed {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            out.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// Writes the request body as its frames come, until its end.
@@ -361,7 +366,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
 
     fn end_request_body(&mut self, chunked: bool) {
         if chunked {
-            self.out.buf.extend_from_slice(b"0\r\n\r\n");
+            // After the chunk still waiting to be written, if there is one.
+            if self.out.data.is_some() {
+                self.out.after_data = b"\r\n0\r\n\r\n";
+            } else {
+                self.out.buf.extend_from_slice(b"0\r\n\r\n");
+            }
         }
         self.request_body = None;
     }
@@ -447,6 +457,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         for field in response.headers.iter() {
             let name = field.name.as_bytes();
             let value = field.value;
+            // Fields about this connection only are taken in here and not passed on; a
+            // `Connection` naming other fields stays, for the proxy to remove those too.
+            let mut this_hop_only = false;
             if name.eq_ignore_ascii_case(b"content-length") {
                 let length = parse_content_length(value)?;
                 if content_length.is_some_and(|l| l != length) {
@@ -456,17 +469,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
                 transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                this_hop_only = true;
+            } else if name.eq_ignore_ascii_case(b"keep-alive") {
+                this_hop_only = true;
             } else if name.eq_ignore_ascii_case(b"connection") {
+                this_hop_only = true;
                 for token in value.split(|&b| b == b',') {
                     let token = token.trim_ascii();
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive")
-                        && version == Version::HTTP_10
-                    {
-                        close = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        if version == Version::HTTP_10 {
+                            close = false;
+                        }
+                    } else if !token.is_empty() {
+                        this_hop_only = false;
                     }
                 }
+            }
+            if this_hop_only {
+                continue;
             }
             let name_at = field.name.as_ptr() as usize - base;
             let value_at = value.as_ptr() as usize - base;
@@ -506,7 +528,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 None => Framing::UntilClose,
             }
         };
-        self.keep_alive = !close && !matches!(self.framing, Framing::UntilClose);
+        // Once the request body was abandoned, the connection stays unusable.
+        self.keep_alive = self.keep_alive
+            && !close
+            && !matches!(self.framing, Framing::UntilClose)
+            // Both framings at once smells of request smuggling: not reused (RFC 9112 6.3).
+            && !(transfer_encoding.is_some() && content_length.is_some());
 
         let mut response = http::Response::new(());
         *response.status_mut() = status;
@@ -559,7 +586,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                     state = Chunked::Size;
                 }
                 Chunked::Trailers(read) => {
-                    let Some(line) = take_line(&mut self.read_buf, MAX_TRAILERS - read)? else {
+                    let limit = MAX_TRAILERS.saturating_sub(read);
+                    let Some(line) = take_line(&mut self.read_buf, limit)? else {
                         ready!(self.poll_read_some(cx))?;
                         continue;
                     };
@@ -567,7 +595,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                         self.framing = Framing::Done;
                         return Poll::Ready(Ok(None));
                     }
-                    state = Chunked::Trailers(read + line.len());
+                    state = Chunked::Trailers(read + line.len() + 2);
                 }
             }
         }
@@ -610,7 +638,7 @@ impl Outgoing {
             }
         } else {
             self.data = Some(data);
-            self.crlf_after_data = chunked;
+            self.after_data = if chunked { b"\r\n" } else { b"" };
         }
     }
 }
@@ -770,10 +798,15 @@ mod tests {
     async fn a_content_length_response_is_read_whole_and_the_connection_kept() {
         let (result, reusable, sent) = exchange(
             get("/api/x?a=1"),
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-Two: a\r\nX-Two: b\r\n\r\n{}",
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\nX-Two: a\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Two: b\r\n\r\n{}",
         )
         .await;
         let (parts, body) = result.unwrap();
+        assert!(
+            parts.headers.get("connection").is_none() && parts.headers.get("keep-alive").is_none(),
+            "fields about this connection are not passed on: {:?}",
+            parts.headers
+        );
         assert_eq!(sent, "GET /api/x?a=1 HTTP/1.1\r\nhost: platform\r\n\r\n");
         assert_eq!(parts.status, 200);
         assert_eq!(parts.headers["content-type"], "application/json");
@@ -786,13 +819,60 @@ mod tests {
     async fn a_chunked_response_is_decoded_and_its_trailers_dropped() {
         let (result, reusable, _) = exchange(
             get("/x"),
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
         )
         .await;
         let (parts, body) = result.unwrap();
         assert_eq!(body, b"hello world");
-        assert!(parts.headers.get("content-length").is_none());
+        assert!(parts.headers.get("transfer-encoding").is_none());
         assert!(reusable);
+
+        // Both framings at once: Transfer-Encoding decides, and the connection is not reused.
+        let (result, reusable, _) = exchange(
+            get("/x"),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        )
+        .await;
+        let (parts, body) = result.unwrap();
+        assert_eq!(body, b"ok");
+        assert!(parts.headers.get("content-length").is_none());
+        assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn a_chunked_request_body_ends_after_its_last_chunk_however_large() {
+        let (ours, mut theirs) = tokio::io::duplex(1024 * 1024);
+        let mut connection = Connection::new(ours);
+        let large = Bytes::from(vec![b'x'; COPY_LIMIT + 1]);
+        connection.out.queue(Bytes::from_static(b"abc"), true);
+        connection.out.queue(large.clone(), true);
+        connection.end_request_body(true);
+        poll_fn(|cx| connection.poll_write_out(cx)).await.unwrap();
+        assert!(!connection.request_body_pending());
+        drop(connection);
+        let mut sent = Vec::new();
+        theirs.read_to_end(&mut sent).await.unwrap();
+        let mut expected = format!("3\r\nabc\r\n{:X}\r\n", large.len()).into_bytes();
+        expected.extend_from_slice(&large);
+        expected.extend_from_slice(b"\r\n0\r\n\r\n");
+        assert!(sent == expected, "the last chunk comes after the data");
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closed_or_talked_to_by_the_upstream_is_not_usable() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let mut open = Connection::new(ours);
+        assert!(open.is_usable());
+        drop(theirs);
+        assert!(!open.is_usable(), "closed by the upstream");
+
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut spoken_to = Connection::new(ours);
+        theirs
+            .write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(!spoken_to.is_usable(), "bytes nobody asked for");
     }
 
     #[tokio::test]
@@ -892,7 +972,7 @@ mod tests {
             out.buf,
             format!("5\r\nhello\r\n{:X}\r\n", COPY_LIMIT + 1).as_bytes()
         );
-        assert!(out.crlf_after_data && out.data.is_some());
+        assert!(out.after_data == b"\r\n" && out.data.is_some());
     }
 
     #[test]

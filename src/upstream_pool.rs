@@ -177,20 +177,14 @@ impl UpstreamPool {
         }
     }
 
-    /// Pools a connection whose response has ended. One still writing its request body (the
-    /// upstream answered before reading it all) is pooled once that is done, and keeps its
-    /// place among the requests in flight until then.
-    fn give_back(self: Arc<Self>, mut connection: PooledConnection, place: InFlight) {
+    /// Pools a connection whose response has ended, if it can carry another request. One
+    /// still owing the upstream part of a request body (the upstream answered before reading
+    /// it all) is closed: finishing a body nobody waits for could take as long as the caller
+    /// dawdles, holding a place among the requests in flight.
+    fn give_back(self: Arc<Self>, connection: PooledConnection, place: InFlight) {
+        drop(place);
         if connection.is_reusable() {
-            drop(place);
             self.pool(connection);
-        } else if connection.request_body_pending() {
-            tokio::spawn(async move {
-                if connection.finish_request_body().await.is_ok() && connection.is_reusable() {
-                    drop(place);
-                    self.pool(connection);
-                }
-            });
         }
     }
 
