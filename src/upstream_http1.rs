@@ -528,12 +528,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 None => Framing::UntilClose,
             }
         };
+        // Both framings at once smells of request smuggling: not reused (RFC 9112 6.3).
+        let both_framings = transfer_encoding.is_some() && content_length.is_some();
+        let until_close = matches!(self.framing, Framing::UntilClose);
         // Once the request body was abandoned, the connection stays unusable.
-        self.keep_alive = self.keep_alive
-            && !close
-            && !matches!(self.framing, Framing::UntilClose)
-            // Both framings at once smells of request smuggling: not reused (RFC 9112 6.3).
-            && !(transfer_encoding.is_some() && content_length.is_some());
+        self.keep_alive = self.keep_alive && !close && !until_close && !both_framings;
 
         let mut response = http::Response::new(());
         *response.status_mut() = status;
