@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::fault_stack::{stack, stop_stack};
-use common::fault_upstream::{Fault, FaultUpstream};
+use common::fault_upstream::{sha256_hex, Fault, FaultUpstream};
 use common::http::{client, get_json, get_text};
 use common::idp::{IdpOptions, TestIdp};
 use common::proxy::{error_kind, for_idp, idp_options, secret_file, Proxy, API};
@@ -853,6 +853,39 @@ async fn an_upstream_certificate_from_an_unknown_ca_is_refused_and_trusted_with_
         proxy.stop().await;
     }
     assert_eq!(upstream.requests().len(), 2);
+
+    // Over TLS too, a large body goes whole and the connection carries the next call.
+    let proxy = Proxy::start(Settings {
+        ca_file: Some(ca.clone()),
+        ..for_idp(&format!("https://localhost:{port}"), &idp)
+    })
+    .await;
+    let connections_before = upstream.connections();
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let response = proxy
+        .http
+        .post(proxy.api("/upload"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await.unwrap();
+    let response = proxy.get("/x").await;
+    assert_eq!(response.status(), 200);
+    let _ = response.bytes().await.unwrap();
+    let seen = upstream.requests();
+    let upload = seen.iter().find(|s| s.path.ends_with("/upload")).unwrap();
+    assert_eq!(
+        (upload.body_len, upload.body_sha256.as_str()),
+        (body.len(), sha256_hex(&body).as_str())
+    );
+    assert_eq!(
+        upstream.connections() - connections_before,
+        1,
+        "both calls on one TLS connection"
+    );
+    proxy.stop().await;
     upstream.stop().await;
     idp.stop().await;
 }
