@@ -114,6 +114,18 @@ async fn assert_token_unavailable(response: reqwest::Response) -> serde_json::Va
     body
 }
 
+/// Asserts a response is the proxy's own 502 upstream_unreachable with a JSON body; returns the body.
+async fn assert_upstream_unreachable(response: reqwest::Response) -> serde_json::Value {
+    assert_eq!(response.status(), 502);
+    assert_eq!(
+        error_kind(&response).as_deref(),
+        Some("upstream_unreachable")
+    );
+    let body: serde_json::Value = response.json().await.expect("a JSON body");
+    assert_eq!(body["error"], "upstream_unreachable", "{body}");
+    body
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // IdP down at start-up
 // ---------------------------------------------------------------------------------------------------------------
@@ -1279,15 +1291,8 @@ async fn an_unreachable_upstream_is_502_until_it_comes_back() {
     assert_eq!(proxy.get("/x").await.status(), 200);
     upstream.go_away().await;
     let started = Instant::now();
-    let response = proxy.get("/x").await;
-    assert_eq!(response.status(), 502);
-    assert_eq!(
-        error_kind(&response).as_deref(),
-        Some("upstream_unreachable")
-    );
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body = assert_upstream_unreachable(proxy.get("/x").await).await;
     println!("upstream gone: 502 in {:?}: {body}", started.elapsed());
-    assert_eq!(body["error"], "upstream_unreachable");
     assert!(started.elapsed() < Duration::from_secs(3));
     upstream.come_back().await;
     let mut status = 0;
@@ -1360,13 +1365,7 @@ async fn an_upstream_answering_something_other_than_http_is_a_502_that_says_so()
     .await;
     proxy.wait_ready(Duration::from_secs(10)).await.unwrap();
     let started = Instant::now();
-    let response = proxy.get("/x").await;
-    assert_eq!(response.status(), 502);
-    assert_eq!(
-        error_kind(&response).as_deref(),
-        Some("upstream_unreachable")
-    );
-    let body: serde_json::Value = response.json().await.unwrap();
+    let body = assert_upstream_unreachable(proxy.get("/x").await).await;
     println!("non-HTTP upstream: {body} after {:?}", started.elapsed());
     assert!(
         body["message"]
