@@ -93,7 +93,8 @@ impl Body for ForwardBody {
                     if let Some(data) = frame.data_ref() {
                         copy.record(data);
                     }
-                    // With a Content-Length, the upstream connection stops polling once the length is reached.
+                    // With a Content-Length, the upstream connection stops polling once the
+                    // length is reached.
                     if inner.is_end_stream() {
                         copy.finish();
                     }
