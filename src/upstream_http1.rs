@@ -62,13 +62,9 @@ impl Http1Error {
     /// Whether the connection turned out to be closed or reset before an answer came: a
     /// pooled connection the upstream had given up, which a fresh connection may well not be.
     pub fn is_stale(&self) -> bool {
-        use io::ErrorKind::*;
         match self {
             Http1Error::ClosedBeforeAnswer => true,
-            Http1Error::Io(e) => matches!(
-                e.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            ),
+            Http1Error::Io(e) => crate::outbound::is_stale_connection(e),
             _ => false,
         }
     }
@@ -87,7 +83,7 @@ pub enum SendFailure {
 
 /// How the rest of the response body is delimited.
 enum Framing {
-    /// This many bytes are left (`Content-Length`).
+    /// This many bytes are left (`Content-Length`), never 0 (that is `Done`).
     Length(u64),
     Chunked(Chunked),
     /// Until the upstream closes the connection.
@@ -174,14 +170,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// Whether the exchange is over and the connection may carry another.
     pub fn is_reusable(&self) -> bool {
         self.keep_alive
-            && matches!(self.framing, Framing::Done)
+            && self.response_done()
             && !self.request_body_pending()
             && self.read_buf.is_empty()
     }
 
     /// Whether the response body has been read to its end.
     pub fn response_done(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0))
+        matches!(self.framing, Framing::Done)
     }
 
     /// Whether the request body is still being written (the upstream answered early).
@@ -206,10 +202,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         head: &http::request::Parts,
         body: ForwardBody,
     ) -> Result<http::response::Parts, SendFailure> {
+        debug_assert!(
+            self.is_reusable(),
+            "a request goes on a new or reusable connection"
+        );
         let chunked = encode_head(&mut self.out.buf, head, &body);
         self.out.sent_any = false;
-        self.framing = Framing::Done;
-        self.keep_alive = true;
         if let Err(e) = poll_fn(|cx| self.poll_write_out(cx)).await {
             self.keep_alive = false;
             return Err(if self.out.sent_any {
@@ -256,10 +254,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         loop {
             match self.framing {
                 Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    self.framing = Framing::Done;
-                    return Poll::Ready(None);
-                }
                 Framing::Length(left) => {
                     if self.read_buf.is_empty() && ready!(self.poll_read_more(cx))? == 0 {
                         return Poll::Ready(Some(Err(self.cut_short())));
@@ -315,9 +309,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 if out.written == out.buf.len() {
                     out.buf.clear();
                     out.written = 0;
-                    if out.data.is_none() {
-                        break;
-                    }
                 }
             } else if let Some(data) = &mut out.data {
                 data.advance(n);
@@ -668,14 +659,17 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &ForwardBo
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    let chunked = has_body && size.is_none();
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if let (true, Some(size)) = (has_body, size) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(size.to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    let chunked = match (has_body, size) {
+        (true, None) => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            true
+        }
+        (true, Some(size)) => {
+            let _ = write!(out, "content-length: {size}\r\n"); // writing to a Vec cannot fail
+            false
+        }
+        (false, _) => false,
+    };
     out.extend_from_slice(b"\r\n");
     chunked
 }

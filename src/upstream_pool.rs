@@ -134,29 +134,25 @@ impl UpstreamPool {
             Some(connection) => connection,
             None => self.connect().await?,
         };
-        let response_head = match connection.send(head, body).await {
-            Ok(response_head) => response_head,
+        let sent = match connection.send(head, body).await {
             // The connection failed before any of the request was written (a pooled one the
             // upstream had just closed): it goes once more on a new connection, whatever
             // its method, since the upstream never saw it.
             Err(SendFailure::Unsent(unsent, error)) => {
                 tracing::debug!("a pooled upstream connection failed before the request went out ({error}); sending it on a new one");
                 connection = self.connect().await?;
-                connection
-                    .send(head, unsent)
-                    .await
-                    .map_err(|failure| match failure {
-                        SendFailure::Unsent(_, e) | SendFailure::Failed(e) => {
-                            UpstreamError::Request(e)
-                        }
-                    })?
+                connection.send(head, unsent).await
             }
-            Err(SendFailure::Failed(error)) => return Err(UpstreamError::Request(error)),
+            sent => sent,
         };
+        let response_head = sent.map_err(|failure| match failure {
+            SendFailure::Unsent(_, e) | SendFailure::Failed(e) => UpstreamError::Request(e),
+        })?;
+        let done = connection.response_done();
         let mut body = PooledBody {
             owner: Some((connection, self.clone(), place)),
         };
-        if body.owner.as_ref().is_some_and(|(c, ..)| c.response_done()) {
+        if done {
             body.release();
         }
         Ok(Response::from_parts(response_head, body))
@@ -177,18 +173,15 @@ impl UpstreamPool {
         }
     }
 
-    /// Pools a connection whose response has ended, if it can carry another request. One
-    /// still owing the upstream part of a request body (the upstream answered before reading
-    /// it all) is closed: finishing a body nobody waits for could take as long as the caller
-    /// dawdles, holding a place among the requests in flight.
-    fn give_back(self: Arc<Self>, connection: PooledConnection, place: InFlight) {
+    /// Pools a connection whose response has ended, if it can carry another request and the
+    /// pool has room. One still owing the upstream part of a request body (the upstream
+    /// answered before reading it all) is closed: finishing a body nobody waits for could take
+    /// as long as the caller dawdles, holding a place among the requests in flight.
+    fn give_back(&self, connection: PooledConnection, place: InFlight) {
         drop(place);
-        if connection.is_reusable() {
-            self.pool(connection);
+        if !connection.is_reusable() {
+            return;
         }
-    }
-
-    fn pool(&self, connection: PooledConnection) {
         let mut idle = self.idle();
         if idle.len() < self.max_idle {
             idle.push_back(IdleConnection {
