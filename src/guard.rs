@@ -1,13 +1,12 @@
 //! What may come in: the method, the Host and Origin a caller presents, the inbound token,
 //! and the path confined to the allowed prefixes exactly as the upstream will see it.
 
-use http::{header, HeaderMap, Method, Uri, Version};
+use http::{Method, Uri, Version};
 use subtle::ConstantTimeEq;
 
+use crate::caller_fields::CallerFields;
 use crate::error::ProxyError;
 use crate::secret::Secret;
-
-const SEC_FETCH_SITE: http::HeaderName = http::HeaderName::from_static("sec-fetch-site");
 
 /// The checks applied to every request on the proxy listener.
 pub struct Guard {
@@ -26,14 +25,14 @@ impl Guard {
         method: &Method,
         version: Version,
         uri: &Uri,
-        headers: &HeaderMap,
+        fields: &CallerFields<'_>,
     ) -> Result<(), ProxyError> {
         if method == Method::CONNECT || method == Method::TRACE {
             return Err(ProxyError::MethodNotAllowed);
         }
-        self.check_host(version, uri, headers)?;
-        self.check_origin(headers)?;
-        self.check_inbound_token(headers)?;
+        self.check_host(version, uri, fields)?;
+        self.check_origin(fields)?;
+        self.check_inbound_token(fields)?;
         confine_path(uri, &self.allowed_prefixes).map(|_| ())
     }
 
@@ -41,9 +40,9 @@ impl Guard {
         &self,
         version: Version,
         uri: &Uri,
-        headers: &HeaderMap,
+        fields: &CallerFields<'_>,
     ) -> Result<(), ProxyError> {
-        let host = match headers.get(header::HOST) {
+        let host = match fields.host {
             Some(value) => value.to_str().map_err(|_| ProxyError::ForbiddenHost)?,
             // Without a Host header only an absolute-form target carries an authority (and
             // confine_path refuses those); HTTP/1.0 may carry none at all, which no browser
@@ -70,8 +69,8 @@ impl Guard {
         }
     }
 
-    fn check_origin(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        if let Some(origin) = headers.get(header::ORIGIN) {
+    fn check_origin(&self, fields: &CallerFields<'_>) -> Result<(), ProxyError> {
+        if let Some(origin) = fields.origin {
             let allowed = origin
                 .to_str()
                 .is_ok_and(|o| self.allowed_origins.iter().any(|a| a == o));
@@ -81,18 +80,18 @@ impl Guard {
                 Err(ProxyError::ForbiddenOrigin)
             };
         }
-        match headers.get(&SEC_FETCH_SITE).map(|v| v.as_bytes()) {
+        match fields.sec_fetch_site.map(|v| v.as_bytes()) {
             Some(b"cross-site") | Some(b"same-site") => Err(ProxyError::ForbiddenOrigin),
             _ => Ok(()),
         }
     }
 
-    fn check_inbound_token(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+    fn check_inbound_token(&self, fields: &CallerFields<'_>) -> Result<(), ProxyError> {
         let Some(expected) = &self.inbound_token else {
             return Ok(());
         };
-        let presented = headers
-            .get(header::AUTHORIZATION)
+        let presented = fields
+            .authorization
             .map(|v| v.as_bytes())
             .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
             .map(|v| &v[7..])

@@ -5,6 +5,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod caller_fields;
 pub mod cli;
 pub mod config;
 pub mod credential;

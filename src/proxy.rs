@@ -16,11 +16,13 @@ use url::Url;
 
 use crate::access_log;
 use crate::body::{ForwardBody, ReplayCopy};
-use crate::credential::{session, CredentialManager};
+use crate::caller_fields::CallerFields;
+use crate::credential::{session, Credential, CredentialManager};
 use crate::error::ProxyError;
 use crate::guard::Guard;
 use crate::metrics::Metrics;
 use crate::outbound::UpstreamTcp;
+use crate::upstream_http1::RequestHead;
 use crate::upstream_pool::{self, PooledBody, UpstreamError, UpstreamPool};
 
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
@@ -171,6 +173,59 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
+/// The names of the fields the proxy sets, as statics to lend out.
+static HOST: HeaderName = header::HOST;
+static REQUEST_ID_NAME: HeaderName = REQUEST_ID;
+
+/// The fields the proxy sets on every forwarded request, in place of the caller's.
+fn forwarded_fields<'a>(
+    host: &'a HeaderValue,
+    request_id: &'a HeaderValue,
+    credential: &'a Credential,
+) -> [(&'a HeaderName, &'a HeaderValue); 3] {
+    [
+        (&HOST, host),
+        (&REQUEST_ID_NAME, request_id),
+        (&credential.header_name, &credential.header_value),
+    ]
+}
+
+/// The caller's fields not forwarded: hop-by-hop ones, the caller's credentials (the proxy
+/// sends its own), and those the proxy sets (`Host`, `X-Request-Id`).
+fn not_forwarded(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host" | "x-request-id" | "authorization" | "cookie"
+    ) || hop_by_hop_index(name).is_some()
+}
+
+/// Removes the fields a `Connection` field names (RFC 9110 7.6.1); `keep-alive` and `close`,
+/// the usual values, name none.
+fn remove_fields_connection_names(headers: &mut HeaderMap) {
+    let names_nothing = |token: &[u8]| {
+        token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
+    };
+    if headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .all(|value| names_nothing(value.as_bytes()))
+    {
+        return;
+    }
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| !names_nothing(token.as_bytes()))
+        .filter_map(|token| HeaderName::try_from(token).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+}
+
 /// Removes the hop-by-hop headers and those the `Connection` header lists. One pass over the
 /// names finds which are present (most messages carry none), so the map is hashed only for
 /// those.
@@ -186,28 +241,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    // The usual values name no header: `keep-alive`, `close`.
-    let names_nothing = |token: &[u8]| {
-        token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
-    };
-    if present[0]
-        && !headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .all(|value| names_nothing(value.as_bytes()))
-    {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| !names_nothing(token.as_bytes()))
-            .filter_map(|token| HeaderName::try_from(token).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
-        }
+    if present[0] {
+        remove_fields_connection_names(headers);
     }
     for (name, present) in HOP_BY_HOP.iter().zip(present) {
         if present {
@@ -234,16 +269,27 @@ impl Forwarder {
     /// Handles one request from a caller; never fails (errors become responses).
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
         let started = Instant::now();
-        let method = request.method().clone();
-        let request_id = request
-            .headers()
-            .get(&REQUEST_ID)
-            .cloned()
-            .unwrap_or_else(new_request_id);
-        let target = request.uri().clone();
+        let (parts, body) = request.into_parts();
+        let method = parts.method.clone();
+        let target = parts.uri.clone();
         let path = target.path();
-        let (mut response, upstream_elapsed) = match self.forward(request, &request_id).await {
-            Ok((response, elapsed)) => (response.map(Either::Left), Some(elapsed)),
+        let fields = CallerFields::of(&parts.headers);
+        let request_id = fields.request_id.cloned().unwrap_or_else(new_request_id);
+        let admitted = self
+            .shared
+            .guard
+            .admit(&parts.method, parts.version, &parts.uri, &fields);
+        let names_fields_to_drop = fields.connection;
+        let forwarded = match admitted {
+            Ok(()) => {
+                self.forward(parts, body, &request_id, names_fields_to_drop)
+                    .await
+            }
+            Err(refused) => Err(refused),
+        };
+        let finished = Instant::now();
+        let (mut response, upstream_elapsed) = match forwarded {
+            Ok((response, sent)) => (response.map(Either::Left), Some(finished - sent)),
             Err(error) => {
                 self.shared.metrics.proxy_error(error.kind());
                 if matches!(
@@ -262,7 +308,7 @@ impl Forwarder {
         response
             .headers_mut()
             .insert(REQUEST_ID, request_id.clone());
-        let elapsed = started.elapsed();
+        let elapsed = finished - started;
         let status = response.status().as_u16();
         self.shared.metrics.request(status, elapsed);
         if self.shared.access_log {
@@ -278,16 +324,16 @@ impl Forwarder {
         response
     }
 
+    /// Forwards an admitted request with the proxy's credential; returns the response and
+    /// when the request was sent.
     async fn forward(
         &self,
-        request: Request<Incoming>,
+        mut parts: http::request::Parts,
+        body: Incoming,
         request_id: &HeaderValue,
-    ) -> Result<(Response<PooledBody>, Duration), ProxyError> {
+        names_fields_to_drop: bool,
+    ) -> Result<(Response<PooledBody>, Instant), ProxyError> {
         let shared = &*self.shared;
-        let (mut parts, body) = request.into_parts();
-        shared
-            .guard
-            .admit(&parts.method, parts.version, &parts.uri, &parts.headers)?;
         parts.uri = shared.upstream.uri(&parts.uri)?;
         let credential =
             shared
@@ -298,22 +344,20 @@ impl Forwarder {
                     message: u.message,
                     retry_after: u.retry_after,
                 })?;
-        let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(header::COOKIE);
-        headers.insert(header::HOST, shared.upstream.host.clone());
-        headers.insert(REQUEST_ID, request_id.clone());
-        parts.version = http::Version::HTTP_11;
+        if names_fields_to_drop {
+            remove_fields_connection_names(&mut parts.headers);
+        }
         let (body, copy) = ForwardBody::from_incoming(body);
-        headers.insert(
-            credential.header_name.clone(),
-            credential.header_value.clone(),
-        );
+        let set = forwarded_fields(&shared.upstream.host, request_id, &credential);
+        let head = RequestHead {
+            parts: &parts,
+            set: &set,
+            leave_out: not_forwarded,
+        };
 
         let sent = Instant::now();
         let idempotent = parts.method.is_idempotent();
-        let mut response = match self.send_once(&parts, body, false).await {
+        let mut response = match self.send_once(&head, body, false, sent).await {
             Ok(response) => response,
             // A pooled connection the upstream had closed: an idempotent request whose body is
             // still at hand goes once more, on a fresh connection, invisibly.
@@ -322,7 +366,7 @@ impl Forwarder {
                     return Err(classify_upstream_error(e));
                 };
                 tracing::debug!("a pooled upstream connection was closed; retrying on a fresh one");
-                self.send_once(&parts, body, true).await?
+                self.send_once(&head, body, true, Instant::now()).await?
             }
             Err(e) => return Err(e.into()),
         };
@@ -341,11 +385,9 @@ impl Forwarder {
                         // The refused response gives up its connection and its place among
                         // the upstream requests in flight before the replay takes one.
                         drop(response);
-                        parts.headers.remove(&credential.header_name);
-                        parts
-                            .headers
-                            .insert(fresh.header_name.clone(), fresh.header_value.clone());
-                        response = self.send_once(&parts, body, false).await?;
+                        let set = forwarded_fields(&shared.upstream.host, request_id, &fresh);
+                        let head = RequestHead { set: &set, ..head };
+                        response = self.send_once(&head, body, false, Instant::now()).await?;
                         if self.refused(&response) {
                             shared.metrics.upstream_unauthorized();
                         }
@@ -367,7 +409,6 @@ impl Forwarder {
                 });
             }
         }
-        let upstream_elapsed = sent.elapsed();
 
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -379,7 +420,7 @@ impl Forwarder {
                 parts.headers.insert(header::LOCATION, rewritten);
             }
         }
-        Ok((Response::from_parts(parts, body), upstream_elapsed))
+        Ok((Response::from_parts(parts, body), sent))
     }
 
     /// Whether the upstream refused the credential: a 401, or for a platform session a
@@ -399,23 +440,28 @@ impl Forwarder {
     }
 
     /// Sends one request upstream, on a pooled connection or a `fresh` one, once a place among
-    /// the requests in flight is free; each wait is bounded by the response-head timeout.
+    /// the requests in flight is free; each wait is bounded by the response-head timeout,
+    /// counted from `now` when a place is free at once.
     async fn send_once(
         &self,
-        head: &http::request::Parts,
+        head: &RequestHead<'_>,
         body: ForwardBody,
         fresh: bool,
+        now: Instant,
     ) -> Result<Response<PooledBody>, SendError> {
         let timeout = self.shared.upstream_timeout;
         // A timer only when the request has to wait for a place.
-        let place = match self.pool.try_admit() {
-            Some(place) => place,
-            None => tokio::time::timeout(timeout, self.pool.admit())
-                .await
-                .map_err(|_| SendError::Busy(timeout))?
-                .map_err(SendError::Upstream)?,
+        let (place, now) = match self.pool.try_admit() {
+            Some(place) => (place, now),
+            None => {
+                let place = tokio::time::timeout(timeout, self.pool.admit())
+                    .await
+                    .map_err(|_| SendError::Busy(timeout))?
+                    .map_err(SendError::Upstream)?;
+                (place, Instant::now())
+            }
         };
-        tokio::time::timeout(timeout, self.pool.send(place, head, body, fresh))
+        tokio::time::timeout_at(now + timeout, self.pool.send(place, head, body, fresh, now))
             .await
             .map_err(|_| SendError::Timeout(timeout))?
             .map_err(SendError::Upstream)

@@ -41,6 +41,30 @@ const COPY_LIMIT: usize = 8 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 64 * 1024;
 
+/// A request head as it is written upstream: the caller's, less the fields `leave_out` names,
+/// with the fields of `set` written first. The proxy replaces fields this way instead of
+/// editing the caller's `HeaderMap`, whose every insert and removal hashes a name and may
+/// grow the map.
+pub struct RequestHead<'a> {
+    /// Method, target (in origin form) and the caller's fields.
+    pub parts: &'a http::request::Parts,
+    /// Written before the caller's fields, in this order.
+    pub set: &'a [(&'a HeaderName, &'a HeaderValue)],
+    /// Whether one of the caller's fields is left out; true at least for the names in `set`.
+    pub leave_out: fn(&HeaderName) -> bool,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The caller's head as it is.
+    pub fn unchanged(parts: &'a http::request::Parts) -> RequestHead<'a> {
+        RequestHead {
+            parts,
+            set: &[],
+            leave_out: |_| false,
+        }
+    }
+}
+
 /// What went wrong on an upstream connection.
 #[derive(Debug, thiserror::Error)]
 pub enum Http1Error {
@@ -199,7 +223,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     /// the response body is read. Interim 1xx responses are skipped.
     pub async fn send(
         &mut self,
-        head: &http::request::Parts,
+        head: &RequestHead<'_>,
         body: ForwardBody,
     ) -> Result<http::response::Parts, SendFailure> {
         debug_assert!(
@@ -220,7 +244,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         if !body.is_end_stream() {
             self.request_body = Some(RequestBody { body, chunked });
         }
-        let head_request = head.method == Method::HEAD;
+        let head_request = head.parts.method == Method::HEAD;
         poll_fn(|cx| {
             if self.request_body_pending() {
                 match self.poll_send_body(cx) {
@@ -491,7 +515,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         }
 
         let head = self.read_buf.split_to(head_len).freeze();
-        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        // Room for the one field the proxy adds (`X-Request-Id`) without growing the map.
+        let mut headers = HeaderMap::with_capacity(self.fields.len() + 1);
         for (name, value) in &self.fields {
             let name = HeaderName::from_bytes(&head[name.clone()])
                 .map_err(|_| Http1Error::malformed("a header name that is not a token"))?;
@@ -636,12 +661,23 @@ impl Outgoing {
 
 /// Writes the request head into `out`; returns whether the body goes chunked (its size is not
 /// known in advance). A body of known size gets its `Content-Length`.
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &ForwardBody) -> bool {
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead<'_>, body: &ForwardBody) -> bool {
+    let parts = head.parts;
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut write_field = |name: &HeaderName, value: &HeaderValue| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in head.set {
+        debug_assert!((head.leave_out)(name), "{name} would be written twice");
+        write_field(name, value);
+    }
     let size = body.size_hint().exact();
     let has_body = !body.is_end_stream();
     let mut length_written = false;
@@ -653,11 +689,10 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, body: &ForwardBo
                 continue;
             }
             length_written = true;
+        } else if (head.leave_out)(name) {
+            continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(name, value);
     }
     let chunked = match (has_body, size) {
         (true, None) => {
@@ -768,16 +803,31 @@ mod tests {
         Ok(body)
     }
 
-    async fn exchange(
-        request: http::Request<ForwardBody>,
-        answer: &'static [u8],
-    ) -> (
+    type Outcome = (
         Result<(http::response::Parts, Vec<u8>), Http1Error>,
         bool,
         String,
-    ) {
+    );
+
+    async fn exchange(request: http::Request<ForwardBody>, answer: &'static [u8]) -> Outcome {
+        exchange_rewritten(request, &[], |_| false, answer).await
+    }
+
+    /// Sends `request` with `set` and `leave_out` applied to its head and reads the answer:
+    /// returns the response, whether the connection can be reused, and what the upstream got.
+    async fn exchange_rewritten(
+        request: http::Request<ForwardBody>,
+        set: &[(&HeaderName, &HeaderValue)],
+        leave_out: fn(&HeaderName) -> bool,
+        answer: &'static [u8],
+    ) -> Outcome {
         let (mut connection, upstream) = scripted(answer);
-        let (head, body) = request.into_parts();
+        let (parts, body) = request.into_parts();
+        let head = RequestHead {
+            parts: &parts,
+            set,
+            leave_out,
+        };
         let result = match connection.send(&head, body).await {
             Ok(parts) => read_body(&mut connection).await.map(|body| (parts, body)),
             Err(SendFailure::Failed(e) | SendFailure::Unsent(_, e)) => Err(e),
@@ -967,6 +1017,32 @@ mod tests {
             format!("5\r\nhello\r\n{:X}\r\n", COPY_LIMIT + 1).as_bytes()
         );
         assert!(out.after_data == b"\r\n" && out.data.is_some());
+    }
+
+    #[tokio::test]
+    async fn fields_set_by_the_proxy_go_first_in_place_of_the_callers() {
+        let request = http::Request::get("/x")
+            .header("host", "caller.example")
+            .header("authorization", "Bearer theirs")
+            .header("accept", "application/json")
+            .header("content-length", "0")
+            .body(ForwardBody::Empty)
+            .unwrap();
+        let host = HeaderValue::from_static("platform");
+        let token = HeaderValue::from_static("Bearer ours");
+        let set = [
+            (&http::header::HOST, &host),
+            (&http::header::AUTHORIZATION, &token),
+        ];
+        let leave_out =
+            |name: &HeaderName| name == http::header::HOST || name == http::header::AUTHORIZATION;
+        let (_, _, sent) =
+            exchange_rewritten(request, &set, leave_out, b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert_eq!(
+            sent,
+            "GET /x HTTP/1.1\r\nhost: platform\r\nauthorization: Bearer ours\r\n\
+             accept: application/json\r\ncontent-length: 0\r\n\r\n"
+        );
     }
 
     #[test]

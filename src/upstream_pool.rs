@@ -26,7 +26,7 @@ use tower::ServiceExt;
 
 use crate::body::ForwardBody;
 use crate::outbound::UpstreamTcp;
-use crate::upstream_http1::{Connection, Http1Error, SendFailure};
+use crate::upstream_http1::{Connection, Http1Error, RequestHead, SendFailure};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -121,15 +121,17 @@ impl UpstreamPool {
     }
 
     /// Sends a request with `head` (in origin form) and `body` on an idle connection, or on a
-    /// new one when none is left or when `fresh` (a retry after a stale pooled one).
+    /// new one when none is left or when `fresh` (a retry after a stale pooled one). `now` is
+    /// the caller's reading of the clock, for telling which idle connections are too old.
     pub async fn send(
         self: &Arc<Self>,
         place: InFlight,
-        head: &http::request::Parts,
+        head: &RequestHead<'_>,
         body: ForwardBody,
         fresh: bool,
+        now: Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let pooled = if fresh { None } else { self.checkout() };
+        let pooled = if fresh { None } else { self.checkout(now) };
         let mut connection = match pooled {
             Some(connection) => connection,
             None => self.connect().await?,
@@ -163,10 +165,12 @@ impl UpstreamPool {
     }
 
     /// The most recently used idle connection that is still open and not past its idle time.
-    fn checkout(&self) -> Option<PooledConnection> {
+    fn checkout(&self, now: Instant) -> Option<PooledConnection> {
         loop {
             let mut candidate = self.idle().pop_back()?;
-            if candidate.since.elapsed() < self.idle_timeout && candidate.connection.is_usable() {
+            if now.saturating_duration_since(candidate.since) < self.idle_timeout
+                && candidate.connection.is_usable()
+            {
                 return Some(candidate.connection);
             }
             // Dropping the connection closes it.
