@@ -7,11 +7,6 @@ use seldon_auth_proxy::cli::{self, EXIT_CONFIG};
 use seldon_auth_proxy::config::{Command, Config, LogFormat};
 use seldon_auth_proxy::logging;
 
-/// mimalloc instead of the C library's allocator: each proxied request allocates and frees a
-/// few dozen small blocks, and mimalloc's per-thread free lists do that in fewer instructions.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let (command, settings) = match cli::parse() {
         Ok(parsed) => parsed,
