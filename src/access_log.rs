@@ -1,57 +1,65 @@
 //! The access log: one line per proxied request, formatted straight into a buffer (no tracing
 //! event, no allocation) that all workers share, so lines keep the order requests were answered
-//! in; the buffer reaches the log writer when it is full, or at most [`FLUSH_AFTER`] after its
-//! first line, handed over by a thread of its own, so requests wake another thread at most once
-//! per [`FLUSH_AFTER`] instead of each time a worker runs out of work.
+//! in. A thread of its own writes the buffer out when it is full, or at most [`FLUSH_AFTER`]
+//! after its first line: requests wake it about once per batch, and its writes go straight to
+//! the log's stream (stderr) without passing through the background writer of the rest of the
+//! log, which would copy each batch twice and wake a second thread for it.
 
 use std::cell::RefCell;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
-use std::time::{Duration, SystemTime};
-
-use tracing_appender::non_blocking::NonBlocking;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::LogFormat;
 
 /// How long a line may wait in the buffer when the proxy is not busy enough to fill it.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
 
-/// The buffered lines are handed to the writer once they reach this size.
+/// The buffered lines are written out once they reach this size.
 const BATCH_BYTES: usize = 32 * 1024;
 
+/// When the writer falls this far behind (a stream nobody reads), the request that finds the
+/// buffer this full writes it out itself and waits for that: memory stays bounded, and lines
+/// are slowed down rather than lost.
+const MOST_PENDING: usize = 64 * BATCH_BYTES;
+
+type Writer = Box<dyn Write + Send>;
+
 struct Sink {
-    writer: NonBlocking,
     format: LogFormat,
-    /// Lines not yet handed to the writer, in the order they were recorded.
+    /// Lines not yet written, in the order they were recorded.
     pending: Mutex<Vec<u8>>,
-    /// Signalled when the first line goes into an empty buffer.
-    first_line: Condvar,
-    /// False when the hand-over thread could not be started: each line then goes at once.
+    /// Signalled when the first line goes into an empty buffer and when it fills a batch.
+    wake: Condvar,
+    /// Held while a batch is written, so batches go out whole and in order.
+    writer: Mutex<Writer>,
+    /// False when the writing thread could not be started: each line then goes at once.
     thread_running: AtomicBool,
 }
 
-/// The writer the rest of the log goes to, with its format; set by `logging::init`.
+/// Where lines go, with their format; set by `logging::init`.
 static SINK: OnceLock<Sink> = OnceLock::new();
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
-/// Makes the access log write to the process's log writer (the same stream and format), and
-/// starts the thread that hands the lines over (it sleeps while none wait).
-pub fn install(writer: NonBlocking, format: LogFormat) {
+/// Makes the access log write to `writer` (the stream the rest of the log goes to; writes to it
+/// must not interleave mid-line, as stderr's whole-buffer writes do not) in `format`, and
+/// starts the thread that writes the lines (it sleeps while none wait).
+pub fn install(writer: impl Write + Send + 'static, format: LogFormat) {
     let installed = SINK.set(Sink {
-        writer,
         format,
         pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
-        first_line: Condvar::new(),
+        wake: Condvar::new(),
+        writer: Mutex::new(Box::new(writer)),
         thread_running: AtomicBool::new(true),
     });
     if installed.is_ok() {
         let started = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(hand_over_waiting_lines);
+            .spawn(write_waiting_lines);
         if let (Err(e), Some(sink)) = (started, SINK.get()) {
             // Logging is being set up: this is the one place left to say it.
             eprintln!(
@@ -62,23 +70,38 @@ pub fn install(writer: NonBlocking, format: LogFormat) {
     }
 }
 
-/// Waits for a first line in the buffer, lets more lines gather for [`FLUSH_AFTER`], hands
-/// them all to the writer, and waits again.
-fn hand_over_waiting_lines() {
+/// Waits for a first line in the buffer, lets more gather until a batch is full or
+/// [`FLUSH_AFTER`] has passed, takes them all (the buffer is swapped, not copied), writes
+/// them, and waits again.
+fn write_waiting_lines() {
     let Some(sink) = SINK.get() else {
         return;
     };
+    let mut batch = Vec::with_capacity(BATCH_BYTES);
     loop {
         let mut pending = sink.pending();
         while pending.is_empty() {
-            pending = sink
-                .first_line
-                .wait(pending)
-                .unwrap_or_else(|e| e.into_inner());
+            pending = sink.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
         }
+        let deadline = Instant::now() + FLUSH_AFTER;
+        while pending.len() < BATCH_BYTES {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            pending = sink
+                .wake
+                .wait_timeout(pending, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        // Taking the writer before letting the buffer go keeps batches in order.
+        let mut writer = sink.writer();
+        std::mem::swap(&mut *pending, &mut batch);
         drop(pending);
-        std::thread::sleep(FLUSH_AFTER);
-        sink.hand_over(&mut sink.pending());
+        let _ = writer.write_all(&batch);
+        drop(writer);
+        batch.clear();
     }
 }
 
@@ -111,35 +134,40 @@ pub fn record(entry: &Entry<'_>) {
         };
         write_line(&mut line, entry, syntax);
         let mut pending = sink.pending();
-        let first = pending.is_empty();
+        let before = pending.len();
         pending.extend_from_slice(&line);
-        if pending.len() >= BATCH_BYTES || !sink.thread_running.load(Ordering::Relaxed) {
-            sink.hand_over(&mut pending);
-        } else if first {
+        let after = pending.len();
+        if after >= MOST_PENDING || !sink.thread_running.load(Ordering::Relaxed) {
+            sink.write_out(pending);
+        } else if before == 0 || (before < BATCH_BYTES && after >= BATCH_BYTES) {
             // Woken after the lock is let go, so the thread does not wait for it.
             drop(pending);
-            sink.first_line.notify_one();
+            sink.wake.notify_one();
         }
     });
 }
 
-/// Hands the recorded lines to the log writer now (the proxy does once its workers are done).
+/// Writes the recorded lines now (the proxy does once its workers are done).
 pub fn flush() {
     if let Some(sink) = SINK.get() {
-        sink.hand_over(&mut sink.pending());
+        sink.write_out(sink.pending());
     }
 }
 
 impl Sink {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    fn pending(&self) -> MutexGuard<'_, Vec<u8>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called with the buffer locked, so batches reach the writer in the order they were
-    /// filled; the writer thread writes each whole.
-    fn hand_over(&self, pending: &mut Vec<u8>) {
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what is pending, with the buffer still locked so no line overtakes it.
+    fn write_out(&self, mut pending: MutexGuard<'_, Vec<u8>>) {
         if !pending.is_empty() {
-            let _ = self.writer.clone().write_all(pending);
+            let mut writer = self.writer();
+            let _ = writer.write_all(&pending).and_then(|()| writer.flush());
             pending.clear();
         }
     }

@@ -33,7 +33,8 @@ pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
             64 * 1024,
             std::io::stderr(),
         ));
-    crate::access_log::install(writer.clone(), format);
+    // Access lines are batched by the access log itself and written straight to stderr.
+    crate::access_log::install(std::io::stderr(), format);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_writer(writer)

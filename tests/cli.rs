@@ -561,6 +561,65 @@ async fn access_lines_keep_the_order_of_one_callers_sequential_requests_across_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_of_many_concurrent_requests_are_whole_and_none_is_lost() {
+    let (idp, echo, mut served) = serve_echo(
+        &[
+            "--log-format",
+            "json",
+            "--workers",
+            "2",
+            "--shutdown-delay",
+            "10ms",
+        ],
+        &[],
+    )
+    .await;
+    // About 200 KB of access lines: several batches, written while requests keep coming.
+    let http = client();
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..16 {
+        let http = http.clone();
+        let url = served.api("/namespaces/seldon/seldondeployments");
+        callers.spawn(async move {
+            for i in 0..50 {
+                let answered = http
+                    .get(&url)
+                    .header("x-request-id", format!("many-{caller:02}-{i:02}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(answered.status(), 200);
+            }
+        });
+    }
+    while let Some(done) = callers.join_next().await {
+        done.unwrap();
+    }
+    served.sigterm();
+    assert_eq!(
+        served.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(0)
+    );
+    let mut logged = Vec::new();
+    for line in served.stderr_lines() {
+        let object: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("a stderr line is not whole JSON ({e}): {line}"));
+        if let Some(id) = object["request_id"]
+            .as_str()
+            .filter(|id| id.starts_with("many-"))
+        {
+            logged.push(id.to_owned());
+        }
+    }
+    assert_eq!(logged.len(), 800, "one access line per request");
+    logged.sort();
+    logged.dedup();
+    assert_eq!(logged.len(), 800, "no line twice");
+    echo.stop().await;
+    idp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_request_id_is_propagated_when_sent_and_created_when_not() {
     let idp = TestIdp::start(idp_options(60)).await;
     let echo = EchoUpstream::start().await;
