@@ -1,9 +1,9 @@
 //! The access log: one line per proxied request, formatted straight into a buffer (no tracing
 //! event, no allocation) that all workers share, so lines keep the order requests were answered
-//! in. A thread of its own writes the buffer out when it is full, or at most [`FLUSH_AFTER`]
-//! after its first line: requests wake it about once per batch, and its writes go straight to
-//! the log's stream (stderr) without passing through the background writer of the rest of the
-//! log, which would copy each batch twice and wake a second thread for it.
+//! in. A thread of its own writes the buffer out when it holds a batch, or about
+//! [`FLUSH_AFTER`] after its first line: requests wake it about once per batch, and its writes
+//! go straight to the log's stream (stderr) without passing through the background writer of
+//! the rest of the log, which would copy each batch twice and wake a second thread for it.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -45,17 +45,12 @@ thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
 }
 
-/// Makes the access log write to `writer` (the stream the rest of the log goes to; writes to it
-/// must not interleave mid-line, as stderr's whole-buffer writes do not) in `format`, and
-/// starts the thread that writes the lines (it sleeps while none wait).
+/// Makes the access log write to `writer` in `format`, and starts the thread that writes the
+/// lines (it sleeps while none wait). With stderr, each batch goes out under stderr's lock,
+/// so it lands between the other log lines, not inside one (unless the stream takes a line of
+/// theirs in two writes, which files and blocking pipes do not).
 pub fn install(writer: impl Write + Send + 'static, format: LogFormat) {
-    let installed = SINK.set(Sink {
-        format,
-        pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
-        wake: Condvar::new(),
-        writer: Mutex::new(Box::new(writer)),
-        thread_running: AtomicBool::new(true),
-    });
+    let installed = SINK.set(Sink::new(Box::new(writer), format));
     if installed.is_ok() {
         let started = std::thread::Builder::new()
             .name("access-log".into())
@@ -95,13 +90,22 @@ fn write_waiting_lines() {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        // Taking the writer before letting the buffer go keeps batches in order.
+        // Taking the writer before letting the buffer go keeps batches in order, and makes
+        // `flush` wait for this batch.
         let mut writer = sink.writer();
         std::mem::swap(&mut *pending, &mut batch);
         drop(pending);
         let _ = writer.write_all(&batch);
         drop(writer);
-        batch.clear();
+        release_backlog(&mut batch);
+    }
+}
+
+/// Empties a buffer that was written out, giving back what a backlog made it grow to.
+fn release_backlog(buffer: &mut Vec<u8>) {
+    buffer.clear();
+    if buffer.capacity() > 2 * BATCH_BYTES {
+        buffer.shrink_to(BATCH_BYTES);
     }
 }
 
@@ -122,29 +126,9 @@ pub struct Entry<'a> {
 
 /// Records one line for `entry`, before its response goes out.
 pub fn record(entry: &Entry<'_>) {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
-    LINE.with(|line| {
-        let mut line = line.borrow_mut();
-        line.clear();
-        let syntax = match sink.format {
-            LogFormat::Json => &JSON,
-            LogFormat::Text => &TEXT,
-        };
-        write_line(&mut line, entry, syntax);
-        let mut pending = sink.pending();
-        let before = pending.len();
-        pending.extend_from_slice(&line);
-        let after = pending.len();
-        if after >= MOST_PENDING || !sink.thread_running.load(Ordering::Relaxed) {
-            sink.write_out(pending);
-        } else if before == 0 || (before < BATCH_BYTES && after >= BATCH_BYTES) {
-            // Woken after the lock is let go, so the thread does not wait for it.
-            drop(pending);
-            sink.wake.notify_one();
-        }
-    });
+    if let Some(sink) = SINK.get() {
+        sink.record(entry);
+    }
 }
 
 /// Writes the recorded lines now (the proxy does once its workers are done).
@@ -155,6 +139,39 @@ pub fn flush() {
 }
 
 impl Sink {
+    fn new(writer: Writer, format: LogFormat) -> Sink {
+        Sink {
+            format,
+            pending: Mutex::new(Vec::with_capacity(BATCH_BYTES)),
+            wake: Condvar::new(),
+            writer: Mutex::new(writer),
+            thread_running: AtomicBool::new(true),
+        }
+    }
+
+    fn record(&self, entry: &Entry<'_>) {
+        LINE.with(|line| {
+            let mut line = line.borrow_mut();
+            line.clear();
+            let syntax = match self.format {
+                LogFormat::Json => &JSON,
+                LogFormat::Text => &TEXT,
+            };
+            write_line(&mut line, entry, syntax);
+            let mut pending = self.pending();
+            let before = pending.len();
+            pending.extend_from_slice(&line);
+            let after = pending.len();
+            if after >= MOST_PENDING || !self.thread_running.load(Ordering::Relaxed) {
+                self.write_out(pending);
+            } else if before == 0 || (before < BATCH_BYTES && after >= BATCH_BYTES) {
+                // Woken after the lock is let go, so the thread does not wait for it.
+                drop(pending);
+                self.wake.notify_one();
+            }
+        });
+    }
+
     fn pending(&self) -> MutexGuard<'_, Vec<u8>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -163,12 +180,14 @@ impl Sink {
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes what is pending, with the buffer still locked so no line overtakes it.
+    /// Writes what is pending, with the buffer still locked so no line overtakes it. The
+    /// writer is taken even when nothing is pending: a batch the thread is writing has been
+    /// written once this returns.
     fn write_out(&self, mut pending: MutexGuard<'_, Vec<u8>>) {
+        let mut writer = self.writer();
         if !pending.is_empty() {
-            let mut writer = self.writer();
             let _ = writer.write_all(&pending).and_then(|()| writer.flush());
-            pending.clear();
+            release_backlog(&mut pending);
         }
     }
 }
@@ -368,6 +387,56 @@ mod tests {
         let mut out = Vec::new();
         write_escaped(&mut out, b"a\x01\"\\b");
         assert_eq!(String::from_utf8(out).unwrap(), "a\\u0001\\\"\\\\b");
+    }
+
+    /// A writer whose output the test reads.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_writer_far_behind_makes_requests_write_and_no_line_is_lost() {
+        let out = Captured::default();
+        // As if the writing thread were stuck: nothing takes the lines but the requests.
+        let sink = Sink::new(Box::new(out.clone()), LogFormat::Json);
+        let ids: Vec<String> = (0..12_000).map(|i| format!("backlog-{i:05}")).collect();
+        let mut writes_by_requests = 0;
+        for id in &ids {
+            let written_before = out.0.lock().unwrap().len();
+            sink.record(&Entry {
+                request_id: id.as_bytes(),
+                ..entry()
+            });
+            let pending = sink.pending();
+            assert!(pending.len() < MOST_PENDING, "the buffer stays bounded");
+            if out.0.lock().unwrap().len() > written_before {
+                writes_by_requests += 1;
+                assert!(
+                    pending.is_empty() && pending.capacity() <= 2 * BATCH_BYTES,
+                    "the backlog written whole and its memory given back"
+                );
+            }
+        }
+        assert!(writes_by_requests >= 1, "a request wrote the backlog");
+        sink.write_out(sink.pending());
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let logged: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                v["request_id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(logged, ids, "every line once, in order");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Logging to stderr, as text for people or one JSON object per line, off the request
-//! path (a background writer), with dependencies held to info unless named explicitly.
+//! path (a background writer; access lines have their own, in `access_log`), with
+//! dependencies held to info unless named explicitly.
 
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::EnvFilter;
@@ -23,7 +24,8 @@ pub fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Installs the global subscriber; keep the guard alive until exit so lines are flushed.
+/// Installs the global subscriber; keep the guard alive until exit so lines are flushed
+/// (access lines are flushed by `access_log::flush`).
 pub fn init(format: LogFormat, level: &str) -> WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)

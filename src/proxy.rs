@@ -190,13 +190,11 @@ fn forwarded_fields<'a>(
     ]
 }
 
-/// The caller's fields not forwarded: hop-by-hop ones, the caller's credentials (the proxy
-/// sends its own), and those the proxy sets (`Host`, `X-Request-Id`).
+/// The caller's fields not forwarded: hop-by-hop ones and the caller's credentials, whatever
+/// kind of credential the proxy sends. (Those the proxy sets are left out anyway: see
+/// `RequestHead`.)
 fn not_forwarded(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "host" | "x-request-id" | "authorization" | "cookie"
-    ) || hop_by_hop_index(name).is_some()
+    matches!(name.as_str(), "authorization" | "cookie") || hop_by_hop_index(name).is_some()
 }
 
 /// Removes the fields a `Connection` field names (RFC 9110 7.6.1); `keep-alive` and `close`,
