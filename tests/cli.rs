@@ -328,6 +328,16 @@ async fn check_exits_1_without_a_credential_and_2_for_a_bad_configuration() {
     );
 }
 
+/// JSON logs, two workers, and a quick exit: for the tests that read the access lines.
+const JSON_ON_TWO_WORKERS: &[&str] = &[
+    "--log-format",
+    "json",
+    "--workers",
+    "2",
+    "--shutdown-delay",
+    "10ms",
+];
+
 /// An IdP, an echo upstream and `serve` on ephemeral ports with the test client, `extra` flags and the client
 /// secret (then `env`) in its environment; ready.
 async fn serve_echo(extra: &[&str], env: &[(&str, &str)]) -> (TestIdp, EchoUpstream, ProxyChild) {
@@ -512,18 +522,7 @@ async fn json_logs_are_one_object_per_line_with_one_access_line_per_request_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_lines_keep_the_order_of_one_callers_sequential_requests_across_workers() {
-    let (idp, echo, mut served) = serve_echo(
-        &[
-            "--log-format",
-            "json",
-            "--workers",
-            "2",
-            "--shutdown-delay",
-            "10ms",
-        ],
-        &[],
-    )
-    .await;
+    let (idp, echo, mut served) = serve_echo(JSON_ON_TWO_WORKERS, &[]).await;
     // A fresh connection per request, so that successive requests land on different workers.
     let mut sent = Vec::new();
     for i in 0..30 {
@@ -562,18 +561,7 @@ async fn access_lines_keep_the_order_of_one_callers_sequential_requests_across_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_lines_of_many_concurrent_requests_are_whole_and_none_is_lost() {
-    let (idp, echo, mut served) = serve_echo(
-        &[
-            "--log-format",
-            "json",
-            "--workers",
-            "2",
-            "--shutdown-delay",
-            "10ms",
-        ],
-        &[],
-    )
-    .await;
+    let (idp, echo, mut served) = serve_echo(JSON_ON_TWO_WORKERS, &[]).await;
     // About 200 KB of access lines: several batches, written while requests keep coming.
     let http = client();
     let mut callers = tokio::task::JoinSet::new();
