@@ -28,7 +28,8 @@ use crate::upstream_pool::{self, PooledBody, UpstreamError, UpstreamPool};
 /// What the caller receives: the upstream's streamed body, or a body the proxy made.
 pub type ResponseBody = Either<PooledBody, Full<Bytes>>;
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// A static, not a constant, so the fields the proxy sets can lend it out.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -173,9 +174,8 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
     })
 }
 
-/// The names of the fields the proxy sets, as statics to lend out.
+/// `Host`, as a static to lend out.
 static HOST: HeaderName = header::HOST;
-static REQUEST_ID_NAME: HeaderName = REQUEST_ID;
 
 /// The fields the proxy sets on every forwarded request, in place of the caller's.
 fn forwarded_fields<'a>(
@@ -185,7 +185,7 @@ fn forwarded_fields<'a>(
 ) -> [(&'a HeaderName, &'a HeaderValue); 3] {
     [
         (&HOST, host),
-        (&REQUEST_ID_NAME, request_id),
+        (&REQUEST_ID, request_id),
         (&credential.header_name, &credential.header_value),
     ]
 }
@@ -203,13 +203,7 @@ fn remove_fields_connection_names(headers: &mut HeaderMap) {
     let names_nothing = |token: &[u8]| {
         token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
     };
-    if headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .all(|value| names_nothing(value.as_bytes()))
-    {
-        return;
-    }
+    // Empty, and so not allocated, for the usual values.
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -305,7 +299,7 @@ impl Forwarder {
         };
         response
             .headers_mut()
-            .insert(REQUEST_ID, request_id.clone());
+            .insert(&REQUEST_ID, request_id.clone());
         let elapsed = finished - started;
         let status = response.status().as_u16();
         self.shared.metrics.request(status, elapsed);
@@ -545,7 +539,7 @@ mod tests {
             header::HOST,
             header::AUTHORIZATION,
             header::CONTENT_LENGTH,
-            REQUEST_ID,
+            REQUEST_ID.clone(),
         ] {
             assert_eq!(hop_by_hop_index(&name), None, "{name}");
         }

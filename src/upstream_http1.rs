@@ -195,7 +195,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     }
 
     /// Whether the request body is still being written (the upstream answered early).
-    pub fn request_body_pending(&self) -> bool {
+    fn request_body_pending(&self) -> bool {
         self.request_body.is_some() || !self.out.is_empty() || self.out.unflushed
     }
 
@@ -269,15 +269,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             match self.framing {
                 Framing::Done => return Poll::Ready(None),
                 Framing::Length(left) => {
-                    if self.read_buf.is_empty() && ready!(self.poll_read_more(cx))? == 0 {
-                        return Poll::Ready(Some(Err(self.cut_short())));
+                    if self.read_buf.is_empty() {
+                        ready!(self.poll_read_some(cx))?;
                     }
-                    let take = left.min(self.read_buf.len() as u64);
-                    self.framing = match left - take {
+                    let (data, left) = self.take_body(left);
+                    self.framing = match left {
                         0 => Framing::Done,
                         left => Framing::Length(left),
                     };
-                    return Poll::Ready(Some(Ok(self.read_buf.split_to(take as usize).freeze())));
+                    return Poll::Ready(Some(Ok(data)));
                 }
                 Framing::UntilClose => {
                     if self.read_buf.is_empty() && ready!(self.poll_read_more(cx))? == 0 {
@@ -572,12 +572,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                     if self.read_buf.is_empty() {
                         ready!(self.poll_read_some(cx))?;
                     }
-                    let take = left.min(self.read_buf.len() as u64);
-                    self.framing = Framing::Chunked(match left - take {
+                    let (data, left) = self.take_body(left);
+                    self.framing = Framing::Chunked(match left {
                         0 => Chunked::DataEnd,
                         left => Chunked::Data(left),
                     });
-                    return Poll::Ready(Ok(Some(self.read_buf.split_to(take as usize).freeze())));
+                    return Poll::Ready(Ok(Some(data)));
                 }
                 Chunked::DataEnd => {
                     let Some(line) = take_line(&mut self.read_buf, 2)? else {
@@ -605,6 +605,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 }
             }
         }
+    }
+
+    /// Takes up to `left` bytes of body from the read buffer; returns them and how many of
+    /// `left` remain after them.
+    fn take_body(&mut self, left: u64) -> (Bytes, u64) {
+        let take = left.min(self.read_buf.len() as u64);
+        (self.read_buf.split_to(take as usize).freeze(), left - take)
     }
 
     /// Reads more, failing when the upstream closed the connection.

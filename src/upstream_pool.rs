@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
 use tower::ServiceExt;
 
@@ -31,7 +32,7 @@ use crate::upstream_http1::{Connection, Http1Error, RequestHead, SendFailure};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream connection's stream: plain TCP, or TLS over it.
-type UpstreamIo = Either<TcpStream, TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>;
+type UpstreamIo = Either<TcpStream, TlsStream<TokioIo<TokioIo<TcpStream>>>>;
 
 /// A connection, boxed so that handing it between the pool and a response moves a pointer.
 type PooledConnection = Box<Connection<UpstreamIo>>;
@@ -205,7 +206,7 @@ impl UpstreamPool {
             .map_err(UpstreamError::Connect)?;
         let io = match stream {
             MaybeHttpsStream::Http(tcp) => Either::Left(tcp.into_inner()),
-            tls => Either::Right(TokioIo::new(tls)),
+            MaybeHttpsStream::Https(tls) => Either::Right(tls.into_inner()),
         };
         Ok(Box::new(Connection::new(io)))
     }
