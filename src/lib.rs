@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod caller_fields;
+pub mod caller_http1;
 pub mod cli;
 pub mod config;
 pub mod credential;

@@ -260,8 +260,17 @@ impl Forwarder {
 
     /// Handles one request from a caller; never fails (errors become responses).
     pub async fn handle(&self, request: Request<Incoming>) -> Response<ResponseBody> {
-        let started = Instant::now();
         let (parts, body) = request.into_parts();
+        self.respond(parts, Some(body)).await
+    }
+
+    /// Handles one request from its head and its body (`None`: it has none).
+    pub async fn respond(
+        &self,
+        parts: http::request::Parts,
+        body: Option<Incoming>,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
         let method = parts.method.clone();
         let target = parts.uri.clone();
         let path = target.path();
@@ -321,7 +330,7 @@ impl Forwarder {
     async fn forward(
         &self,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: Option<Incoming>,
         request_id: &HeaderValue,
         names_fields_to_drop: bool,
     ) -> Result<(Response<PooledBody>, Instant), ProxyError> {
@@ -339,7 +348,10 @@ impl Forwarder {
         if names_fields_to_drop {
             remove_fields_connection_names(&mut parts.headers);
         }
-        let (body, copy) = ForwardBody::from_incoming(body);
+        let (body, copy) = match body {
+            Some(body) => ForwardBody::from_incoming(body),
+            None => (ForwardBody::Empty, None),
+        };
         let set = forwarded_fields(&shared.upstream.host, request_id, &credential);
         let head = RequestHead {
             parts: &parts,

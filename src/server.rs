@@ -1,19 +1,17 @@
 //! The proxy listener: one single-threaded runtime per CPU, each with its own
 //! `SO_REUSEPORT` socket, connection pool and connection limit, and a graceful drain.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
+use crate::caller_http1;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
@@ -221,18 +219,21 @@ async fn accept_loop<A: Acceptor>(
     settings: &WorkerSettings,
     stop: &Shutdown,
 ) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(settings.max_connections));
+    // Waiting for a request head starts one clock, for slowloris heads and idle keep-alive
+    // connections alike: the shorter setting wins.
+    let head_timeout = settings
+        .limits
+        .header_read_timeout
+        .min(settings.limits.idle_timeout);
+    let connection_settings = caller_http1::Settings {
+        head_timeout,
+        max_head_bytes: settings.limits.max_header_bytes,
+    };
+    // For connections handed to hyper (requests with bodies and the unusual ones).
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        // hyper starts this clock whenever a connection waits for a request head, so it cuts
-        // slowloris heads and idle keep-alive connections alike: the shorter setting wins.
-        .header_read_timeout(
-            settings
-                .limits
-                .header_read_timeout
-                .min(settings.limits.idle_timeout),
-        )
+        .header_read_timeout(head_timeout)
         .max_buf_size(settings.limits.max_header_bytes)
         .keep_alive(true);
     loop {
@@ -256,21 +257,24 @@ async fn accept_loop<A: Acceptor>(
             },
             _ = stop.cancelled() => break,
         };
-        let forwarder = forwarder.clone();
-        let service = service_fn(move |request| {
-            let forwarder = forwarder.clone();
-            async move { Ok::<_, Infallible>(forwarder.handle(request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let connection = caller_http1::serve(
+            stream,
+            forwarder.clone(),
+            http.clone(),
+            connection_settings,
+            stop.clone(),
+        );
         tokio::spawn(async move {
-            let _ = connection.await;
+            connection.await;
             drop(permit);
         });
     }
     // Stop accepting at once: new callers get a refused connection, not a hang.
     drop(listener);
+    // Every connection holds a permit until it closes: all of them back means all closed.
+    let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = permits.acquire_many(all) => {}
         _ = tokio::time::sleep(settings.grace) => {
             tracing::warn!("shutdown grace period ended with requests still in flight");
         }
