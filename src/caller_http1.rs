@@ -16,7 +16,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -170,8 +169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             let event = poll_fn(|cx| {
-                match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
-                {
+                match self.poll_read_more(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
                     Poll::Ready(Ok(_)) => return Poll::Ready(true),
                     Poll::Pending => {}
@@ -269,11 +267,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Some(PlainRequest { parts, keep_alive })
     }
 
+    /// Reads what the caller sent into the bytes at hand; `Ok(0)` when it closed.
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Room for a whole head as a rule: the buffer takes back the space of the requests
+        // already read once nothing refers to them any more.
+        if self.read.capacity() - self.read.len() < READ_BUFFER / 4 {
+            self.read.reserve(READ_BUFFER);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read)
+    }
+
     /// Ready when the caller closed the connection while its request is being forwarded.
     /// Requests it sends meanwhile are kept, up to a head's size, then it is not read.
     fn poll_caller_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         while self.read.len() < self.settings.max_head_bytes {
-            match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read) {
+            match self.poll_read_more(cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
                 Poll::Ready(Ok(_)) => {}
                 Poll::Pending => return Poll::Pending,

@@ -236,6 +236,9 @@ async fn accept_loop<A: Acceptor>(
         .header_read_timeout(head_timeout)
         .max_buf_size(settings.limits.max_header_bytes)
         .keep_alive(true);
+    // The worker's own token: its connections wait on it without contending with the other
+    // workers' for the shared one.
+    let stop_connections = stop.child_token();
     loop {
         // Beyond the limit, connections wait in the kernel's backlog rather than be refused.
         let permit = tokio::select! {
@@ -262,7 +265,7 @@ async fn accept_loop<A: Acceptor>(
             forwarder.clone(),
             http.clone(),
             connection_settings,
-            stop.clone(),
+            stop_connections.clone(),
         );
         tokio::spawn(async move {
             connection.await;
