@@ -201,7 +201,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Ok(httparse::Status::Partial) => return Parsed::Incomplete,
             Err(_) => return Parsed::Other,
         };
-        if request.version != Some(1) || !request.path.is_some_and(|p| p.starts_with('/')) {
+        if len > self.settings.max_head_bytes
+            || request.version != Some(1)
+            || !request.path.is_some_and(|p| p.starts_with('/'))
+        {
             return Parsed::Other;
         }
         let base = self.read.as_ptr() as usize;
@@ -559,6 +562,11 @@ mod tests {
             connection(b"GET /x HTTP/1.1\r\nHost:").parse(),
             Parsed::Incomplete
         ));
+        // A whole head over the limit, read at once, is hyper's to answer (431).
+        let mut big = b"GET /x HTTP/1.1\r\nX-Big: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 8192));
+        big.extend_from_slice(b"\r\n\r\n");
+        assert!(matches!(connection(&big).parse(), Parsed::Other));
     }
 
     #[test]
