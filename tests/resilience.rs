@@ -1745,3 +1745,73 @@ async fn soak_steady_load_through_an_idp_outage_shorter_than_the_token_lifetime(
     let proxy = Arc::try_unwrap(proxy).ok().unwrap();
     stop_stack(idp, upstream, proxy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_hangs_up_before_the_answer_frees_its_place_among_the_upstream_requests() {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
+        workers: Some(1),
+        upstream_max_connections: Some(1),
+        upstream_timeout: Some(Duration::from_secs(10)),
+        ..s
+    })
+    .await;
+    upstream.add_fault("/stalled", Fault::Stall(Some(Duration::from_secs(6))));
+    // The caller gives up after 300 ms and closes its connection; the proxy stops waiting for
+    // the upstream on its behalf, so the one place is free for the next call at once.
+    let gave_up = proxy
+        .http
+        .get(proxy.api("/stalled"))
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the stalled call answered: {gave_up:?}");
+    let started = Instant::now();
+    let next = proxy.get("/x").await;
+    assert_eq!(next.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the next call waited {:?} for the abandoned one",
+        started.elapsed()
+    );
+    stop_stack(idp, upstream, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_ahead_on_one_connection_are_answered_in_order() {
+    let (idp, upstream, proxy) = stack(60, |s| s).await;
+    // Three requests in one write: two plain GETs, then one with a body (which hyper answers),
+    // then the connection closes.
+    let api = "/seldon-deploy/api/v1alpha1";
+    let requests = format!(
+        "GET {api}/first HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+         GET {api}/second HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n\
+         POST {api}/third HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let mut stream = tokio::net::TcpStream::connect(proxy.proxy_addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the proxy closed the connection after the third answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+    let paths: Vec<String> = upstream
+        .requests()
+        .into_iter()
+        .map(|seen| seen.path)
+        .filter(|path| path.starts_with(api))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            format!("{api}/first"),
+            format!("{api}/second"),
+            format!("{api}/third")
+        ]
+    );
+    stop_stack(idp, upstream, proxy).await;
+}
