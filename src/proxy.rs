@@ -465,10 +465,13 @@ impl Forwarder {
                 (place, Instant::now())
             }
         };
-        tokio::time::timeout_at(now + timeout, self.pool.send(place, head, body, fresh, now))
+        self.pool
+            .send(place, head, body, fresh, now, now + timeout)
             .await
-            .map_err(|_| SendError::Timeout(timeout))?
-            .map_err(SendError::Upstream)
+            .map_err(|e| match e {
+                UpstreamError::TimedOut => SendError::Timeout(timeout),
+                e => SendError::Upstream(e),
+            })
     }
 }
 

@@ -11,11 +11,11 @@
 //! interim 1xx responses are skipped, trailers dropped, and the fields about the connection
 //! itself (`Connection`, `Keep-Alive`, `Transfer-Encoding`) are taken in here.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::ops::Range;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -23,6 +23,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
 
 use crate::body::ForwardBody;
 
@@ -93,6 +94,8 @@ pub enum SendFailure {
     /// Nothing of the request was written: its body is handed back, for another connection.
     Unsent(ForwardBody, Http1Error),
     Failed(Http1Error),
+    /// No response head by the deadline.
+    TimedOut,
 }
 
 /// How the rest of the response body is delimited.
@@ -150,6 +153,8 @@ pub struct Connection<T> {
     keep_alive: bool,
     /// Where each field of the head being parsed is (name, value), kept to reuse its room.
     fields: Vec<(Range<usize>, Range<usize>)>,
+    /// The timer of [`Connection::send_by`], kept from one request to the next.
+    deadline_timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// What [`Connection::parse_head`] found at the start of the read buffer.
@@ -171,6 +176,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             framing: Framing::Done,
             keep_alive: true,
             fields: Vec::new(),
+            deadline_timer: None,
         }
     }
 
@@ -255,6 +261,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             self.keep_alive = false;
             SendFailure::Failed(e)
         })
+    }
+
+    /// [`Connection::send`], given up when no response head has come by `deadline`. The
+    /// connection keeps one timer for all its requests, moved only when it fires before the
+    /// deadline at hand (deadlines only move later), instead of one set and cancelled per
+    /// request.
+    pub async fn send_by(
+        &mut self,
+        head: &RequestHead<'_>,
+        body: ForwardBody,
+        deadline: Instant,
+    ) -> Result<http::response::Parts, SendFailure> {
+        let mut timer = self
+            .deadline_timer
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let sent = {
+            let mut sending = pin!(self.send(head, body));
+            poll_fn(|cx| {
+                if let Poll::Ready(sent) = sending.as_mut().poll(cx) {
+                    return Poll::Ready(sent);
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Err(SendFailure::TimedOut));
+                    }
+                    timer.as_mut().reset(deadline);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        if matches!(sent, Err(SendFailure::TimedOut)) {
+            self.keep_alive = false; // a request is still under way on it
+        }
+        self.deadline_timer = Some(timer);
+        sent
     }
 
     /// Reads the next piece of the response body; `None` at its end. Writes whatever of the
@@ -827,6 +870,7 @@ mod tests {
         let result = match connection.send(&head, body).await {
             Ok(parts) => read_body(&mut connection).await.map(|body| (parts, body)),
             Err(SendFailure::Failed(e) | SendFailure::Unsent(_, e)) => Err(e),
+            Err(SendFailure::TimedOut) => unreachable!("no deadline here"),
         };
         let reusable = connection.is_reusable();
         drop(connection);

@@ -44,6 +44,8 @@ pub enum UpstreamError {
     Connect(#[source] BoxError),
     #[error("the upstream connection failed")]
     Request(#[source] Http1Error),
+    #[error("no response head from the upstream in time")]
+    TimedOut,
 }
 
 impl UpstreamError {
@@ -123,7 +125,8 @@ impl UpstreamPool {
 
     /// Sends a request with `head` (in origin form) and `body` on an idle connection, or on a
     /// new one when none is left or when `fresh` (a retry after a stale pooled one). `now` is
-    /// the caller's reading of the clock, for telling which idle connections are too old.
+    /// the caller's reading of the clock, for telling which idle connections are too old; with
+    /// no response head by `deadline`, it fails with [`UpstreamError::TimedOut`].
     pub async fn send(
         self: &Arc<Self>,
         place: InFlight,
@@ -131,25 +134,27 @@ impl UpstreamPool {
         body: ForwardBody,
         fresh: bool,
         now: Instant,
+        deadline: Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let pooled = if fresh { None } else { self.checkout(now) };
         let mut connection = match pooled {
             Some(connection) => connection,
-            None => self.connect().await?,
+            None => self.connect_by(deadline).await?,
         };
-        let sent = match connection.send(head, body).await {
+        let sent = match connection.send_by(head, body, deadline).await {
             // The connection failed before any of the request was written (a pooled one the
             // upstream had just closed): it goes once more on a new connection, whatever
             // its method, since the upstream never saw it.
             Err(SendFailure::Unsent(unsent, error)) => {
                 tracing::debug!("a pooled upstream connection failed before the request went out ({error}); sending it on a new one");
-                connection = self.connect().await?;
-                connection.send(head, unsent).await
+                connection = self.connect_by(deadline).await?;
+                connection.send_by(head, unsent, deadline).await
             }
             sent => sent,
         };
         let response_head = sent.map_err(|failure| match failure {
             SendFailure::Unsent(_, e) | SendFailure::Failed(e) => UpstreamError::Request(e),
+            SendFailure::TimedOut => UpstreamError::TimedOut,
         })?;
         let done = connection.response_done();
         let mut body = PooledBody {
@@ -159,6 +164,16 @@ impl UpstreamPool {
             body.release();
         }
         Ok(Response::from_parts(response_head, body))
+    }
+
+    /// A new connection, given up at `deadline`.
+    async fn connect_by(
+        self: &Arc<Self>,
+        deadline: Instant,
+    ) -> Result<PooledConnection, UpstreamError> {
+        tokio::time::timeout_at(deadline, self.connect())
+            .await
+            .map_err(|_| UpstreamError::TimedOut)?
     }
 
     fn idle(&self) -> MutexGuard<'_, VecDeque<IdleConnection>> {

@@ -1315,6 +1315,7 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
     upstream.add_fault("/never", Fault::Stall(None));
     let proxy = Proxy::start(Settings {
         upstream_timeout: Some(Duration::from_secs(1)),
+        workers: Some(1),
         ..for_idp(&upstream.url(), &idp)
     })
     .await;
@@ -1332,6 +1333,18 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
         assert!((0.9..4.0).contains(&took), "504 after {took:.2} s");
     }
     assert_eq!(proxy.get("/fast").await.status(), 200);
+    // A slow answer on a connection reused 600 ms after a fast one: the timeout counts from
+    // this request, not the one before (whose deadline would have passed 0.4 s in).
+    let opened = upstream.connections();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let c = call(&proxy, "/slow").await;
+    let took = c.done - c.sent;
+    assert_eq!(upstream.connections(), opened, "the connection was not reused");
+    assert_eq!(
+        (c.status, c.kind.as_deref()),
+        (504, Some("upstream_timeout"))
+    );
+    assert!((0.9..4.0).contains(&took), "504 after {took:.2} s");
     stop_stack(idp, upstream, proxy).await;
 }
 
