@@ -1339,7 +1339,11 @@ async fn a_slow_upstream_is_504_after_the_upstream_timeout() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let c = call(&proxy, "/slow").await;
     let took = c.done - c.sent;
-    assert_eq!(upstream.connections(), opened, "the connection was not reused");
+    assert_eq!(
+        upstream.connections(),
+        opened,
+        "the connection was not reused"
+    );
     assert_eq!(
         (c.status, c.kind.as_deref()),
         (504, Some("upstream_timeout"))
