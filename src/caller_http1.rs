@@ -69,6 +69,9 @@ pub async fn serve<S>(
     let mut watchdog = pin!(tokio::time::sleep(settings.head_timeout));
     loop {
         let deadline = Instant::now() + settings.head_timeout;
+        if watchdog.deadline() > deadline {
+            watchdog.as_mut().reset(deadline); // never the case while the timeout stays fixed
+        }
         let request = match connection
             .read_head(deadline, watchdog.as_mut(), stopping.as_mut())
             .await
@@ -281,16 +284,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Ready when the caller closed the connection while its request is being forwarded.
-    /// Requests it sends meanwhile are kept, up to a head's size, then it is not read.
+    /// Once it has sent more (a request sent ahead), it is not read again until that is
+    /// answered: a caller that sends requests ahead and then closes its side still gets the
+    /// answers, as with hyper.
     fn poll_caller_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while self.read.len() < self.settings.max_head_bytes {
-            match self.poll_read_more(cx) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Ready(Ok(_)) => {}
-                Poll::Pending => return Poll::Pending,
-            }
+        if !self.read.is_empty() {
+            return Poll::Pending;
         }
-        Poll::Pending
+        match self.poll_read_more(cx) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) | Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Writes a response: its head, then its body as it comes, framed by its
@@ -318,6 +322,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut has_date = false;
         for (name, value) in &parts.headers {
             if *name == header::CONTENT_LENGTH {
+                if has_length {
+                    continue; // the upstream repeated it (same value): once is enough
+                }
                 has_length = true;
             } else if *name == header::DATE {
                 has_date = true;
@@ -352,7 +359,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         out.extend_from_slice(b"\r\n");
         if bodiless {
             drop(body);
-            return self.stream.write_all(&self.write).await;
+            self.stream.write_all(&self.write).await?;
+            return self.stream.flush().await;
         }
 
         loop {
@@ -429,7 +437,10 @@ async fn hand_to_hyper<S>(
         async move { Ok::<_, Infallible>(forwarder.handle(request).await) }
     });
     let mut connection = pin!(hyper.serve_connection(TokioIo::new(stream), service));
+    // The connection first: once hyper has read the request at hand, a stop that has already
+    // fired lets it answer that request before closing, instead of closing unread.
     tokio::select! {
+        biased;
         _ = connection.as_mut() => return,
         _ = stopping => {}
     }
@@ -634,6 +645,25 @@ mod tests {
         assert!(text.ends_with("\r\n\r\n"), "{text}");
         assert!(text.contains("content-length: 1234\r\n"), "{text}");
         assert!(!text.contains("connection: close"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_content_length_the_upstream_repeated_is_written_once() {
+        let (ours, mut caller) = tokio::io::duplex(4096);
+        let mut c = connection(b"");
+        c.stream = ours;
+        let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
+        for _ in 0..2 {
+            response
+                .headers_mut()
+                .append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        }
+        c.write_response(response, false, true).await.unwrap();
+        drop(c);
+        let mut text = String::new();
+        caller.read_to_string(&mut text).await.unwrap();
+        assert_eq!(text.matches("content-length: 2\r\n").count(), 1, "{text}");
+        assert!(text.ends_with("\r\n\r\n{}"), "{text}");
     }
 
     #[tokio::test]

@@ -746,8 +746,8 @@ impl Config {
         if limits.max_header_bytes < 8192 {
             return Err(bad("max_header_bytes: must be at least 8192"));
         }
-        if limits.max_connections == 0 {
-            return Err(bad("max_connections: must be at least 1"));
+        if limits.max_connections == 0 || limits.max_connections > 1_000_000 {
+            return Err(bad("max_connections: must be between 1 and 1000000"));
         }
         let workers = s.workers.unwrap_or_else(available_cpus);
         if workers == 0 || workers > 256 {

@@ -275,6 +275,7 @@ async fn accept_loop<A: Acceptor>(
     // Stop accepting at once: new callers get a refused connection, not a hang.
     drop(listener);
     // Every connection holds a permit until it closes: all of them back means all closed.
+    // (At most a million: the settings are checked.)
     let all = u32::try_from(settings.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = permits.acquire_many(all) => {}

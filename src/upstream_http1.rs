@@ -277,6 +277,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             .deadline_timer
             .take()
             .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline); // an earlier deadline than the last request's
+        }
         let sent = {
             let mut sending = pin!(self.send(head, body));
             poll_fn(|cx| {
