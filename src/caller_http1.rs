@@ -20,9 +20,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::credential::manager::Shutdown;
+use crate::lazy_deadline::LazyDeadline;
 use crate::proxy::{Forwarder, ResponseBody};
 
 /// Most fields a request read here may have; one with more goes to hyper.
@@ -64,16 +65,11 @@ pub async fn serve<S>(
         settings,
     };
     let mut stopping = pin!(stop.cancelled());
-    // One timer for the connection, not one per request: it is only moved when it fires
-    // before the current deadline (deadlines only move later).
-    let mut watchdog = pin!(tokio::time::sleep(settings.head_timeout));
+    let mut head_deadline = LazyDeadline::new(Instant::now() + settings.head_timeout);
     loop {
-        let deadline = Instant::now() + settings.head_timeout;
-        if watchdog.deadline() > deadline {
-            watchdog.as_mut().reset(deadline); // never the case while the timeout stays fixed
-        }
+        head_deadline.set(Instant::now() + settings.head_timeout);
         let request = match connection
-            .read_head(deadline, watchdog.as_mut(), stopping.as_mut())
+            .read_head(&mut head_deadline, stopping.as_mut())
             .await
         {
             Next::Request(request) => request,
@@ -154,8 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads until a whole request head is at hand, or the connection should close.
     async fn read_head(
         &mut self,
-        deadline: Instant,
-        mut watchdog: Pin<&mut Sleep>,
+        head_deadline: &mut LazyDeadline,
         mut stopping: Pin<&mut impl Future<Output = ()>>,
     ) -> Next {
         loop {
@@ -180,13 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 if stopping.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                while watchdog.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= deadline {
-                        return Poll::Ready(false);
-                    }
-                    watchdog.as_mut().reset(deadline);
-                }
-                Poll::Pending
+                head_deadline.poll_passed(cx).map(|()| false)
             })
             .await;
             if !event {
@@ -602,23 +591,28 @@ mod tests {
         );
     }
 
+    /// What `write_response` sends the caller for `response`.
+    async fn written(response: Response<ResponseBody>, is_head: bool, keep_alive: bool) -> String {
+        let (ours, mut caller) = tokio::io::duplex(4096);
+        let mut c = connection(b"");
+        c.stream = ours;
+        c.write_response(response, is_head, keep_alive)
+            .await
+            .unwrap();
+        drop(c);
+        let mut text = String::new();
+        caller.read_to_string(&mut text).await.unwrap();
+        text
+    }
+
     #[tokio::test]
     async fn a_response_is_framed_by_its_size_and_says_when_the_connection_closes() {
-        let (mut c, mut caller) = {
-            let (ours, theirs) = tokio::io::duplex(4096);
-            let mut c = connection(b"");
-            c.stream = ours;
-            (c, theirs)
-        };
         let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
         *response.status_mut() = StatusCode::NOT_FOUND;
         response
             .headers_mut()
             .insert("x-request-id", HeaderValue::from_static("r1"));
-        c.write_response(response, false, false).await.unwrap();
-        drop(c);
-        let mut text = String::new();
-        caller.read_to_string(&mut text).await.unwrap();
+        let text = written(response, false, false).await;
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         let lines: Vec<&str> = head.split("\r\n").collect();
         assert_eq!(lines[0], "HTTP/1.1 404 Not Found");
@@ -631,17 +625,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_response_has_no_body_and_keeps_its_length() {
-        let (ours, mut caller) = tokio::io::duplex(4096);
-        let mut c = connection(b"");
-        c.stream = ours;
         let mut response = Response::new(Either::Right(Full::new(Bytes::new())));
         response
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("1234"));
-        c.write_response(response, true, true).await.unwrap();
-        drop(c);
-        let mut text = String::new();
-        caller.read_to_string(&mut text).await.unwrap();
+        let text = written(response, true, true).await;
         assert!(text.ends_with("\r\n\r\n"), "{text}");
         assert!(text.contains("content-length: 1234\r\n"), "{text}");
         assert!(!text.contains("connection: close"), "{text}");
@@ -649,19 +637,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_content_length_the_upstream_repeated_is_written_once() {
-        let (ours, mut caller) = tokio::io::duplex(4096);
-        let mut c = connection(b"");
-        c.stream = ours;
         let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
         for _ in 0..2 {
             response
                 .headers_mut()
                 .append(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         }
-        c.write_response(response, false, true).await.unwrap();
-        drop(c);
-        let mut text = String::new();
-        caller.read_to_string(&mut text).await.unwrap();
+        let text = written(response, false, true).await;
         assert_eq!(text.matches("content-length: 2\r\n").count(), 1, "{text}");
         assert!(text.ends_with("\r\n\r\n{}"), "{text}");
     }

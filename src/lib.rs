@@ -13,6 +13,7 @@ pub mod credential;
 pub mod dev;
 pub mod error;
 pub mod guard;
+pub mod lazy_deadline;
 pub mod logging;
 pub mod login;
 pub mod metrics;

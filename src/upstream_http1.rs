@@ -23,9 +23,10 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use http_body::{Body, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use crate::body::ForwardBody;
+use crate::lazy_deadline::LazyDeadline;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -153,8 +154,8 @@ pub struct Connection<T> {
     keep_alive: bool,
     /// Where each field of the head being parsed is (name, value), kept to reuse its room.
     fields: Vec<(Range<usize>, Range<usize>)>,
-    /// The timer of [`Connection::send_by`], kept from one request to the next.
-    deadline_timer: Option<Pin<Box<Sleep>>>,
+    /// The deadline of [`Connection::send_by`], kept from one request to the next.
+    deadline: Option<LazyDeadline>,
 }
 
 /// What [`Connection::parse_head`] found at the start of the read buffer.
@@ -176,7 +177,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             framing: Framing::Done,
             keep_alive: true,
             fields: Vec::new(),
-            deadline_timer: None,
+            deadline: None,
         }
     }
 
@@ -273,33 +274,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         body: ForwardBody,
         deadline: Instant,
     ) -> Result<http::response::Parts, SendFailure> {
-        let mut timer = self
-            .deadline_timer
-            .take()
-            .unwrap_or_else(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() > deadline {
-            timer.as_mut().reset(deadline); // an earlier deadline than the last request's
-        }
+        let mut timer = match self.deadline.take() {
+            Some(mut timer) => {
+                timer.set(deadline);
+                timer
+            }
+            None => LazyDeadline::new(deadline),
+        };
         let sent = {
             let mut sending = pin!(self.send(head, body));
-            poll_fn(|cx| {
-                if let Poll::Ready(sent) = sending.as_mut().poll(cx) {
-                    return Poll::Ready(sent);
-                }
-                while timer.as_mut().poll(cx).is_ready() {
-                    if Instant::now() >= deadline {
-                        return Poll::Ready(Err(SendFailure::TimedOut));
-                    }
-                    timer.as_mut().reset(deadline);
-                }
-                Poll::Pending
+            poll_fn(|cx| match sending.as_mut().poll(cx) {
+                Poll::Ready(sent) => Poll::Ready(sent),
+                Poll::Pending => timer.poll_passed(cx).map(|()| Err(SendFailure::TimedOut)),
             })
             .await
         };
         if matches!(sent, Err(SendFailure::TimedOut)) {
             self.keep_alive = false; // a request is still under way on it
         }
-        self.deadline_timer = Some(timer);
+        self.deadline = Some(timer);
         sent
     }
 

@@ -1,0 +1,68 @@
+//! A deadline for a connection that sets one after another (a head to read, an answer to
+//! wait for): one timer, moved only when it fires before the deadline at hand, instead of a
+//! timer set and cancelled for each.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::time::{Instant, Sleep};
+
+pub struct LazyDeadline {
+    timer: Pin<Box<Sleep>>,
+    at: Instant,
+}
+
+impl LazyDeadline {
+    pub fn new(at: Instant) -> LazyDeadline {
+        LazyDeadline {
+            timer: Box::pin(tokio::time::sleep_until(at)),
+            at,
+        }
+    }
+
+    /// Moves the deadline; the timer itself only when the deadline moves earlier, which
+    /// callers setting `now + a fixed timeout` never do.
+    pub fn set(&mut self, at: Instant) {
+        self.at = at;
+        if self.timer.deadline() > at {
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    /// Ready once the deadline has passed; a timer that fires early is moved to it.
+    pub fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.at {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(self.at);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_deadline_at_hand_counts_whether_it_moved_later_or_earlier() {
+        let ms = Duration::from_millis;
+        let start = Instant::now();
+        let mut deadline = LazyDeadline::new(start + ms(100));
+        deadline.set(start + ms(300));
+        poll_fn(|cx| deadline.poll_passed(cx)).await;
+        let waited = Instant::now() - start;
+        assert!(waited >= ms(300) && waited < ms(900), "{waited:?}");
+
+        let before = Instant::now();
+        deadline.set(before + ms(2000));
+        deadline.set(before + ms(100));
+        poll_fn(|cx| deadline.poll_passed(cx)).await;
+        let waited = Instant::now() - before;
+        assert!(waited >= ms(100) && waited < ms(700), "{waited:?}");
+    }
+}
