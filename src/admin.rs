@@ -12,10 +12,13 @@ use axum::{Json, Router};
 
 use crate::credential::CredentialManager;
 use crate::metrics::Metrics;
+use crate::spread::Shares;
 
 pub struct AdminState {
     pub manager: Arc<CredentialManager>,
     pub metrics: Arc<Metrics>,
+    /// The workers' open connections.
+    pub connections: Arc<Shares>,
     /// Set at shutdown, so load balancers stop sending before the listener closes.
     pub draining: AtomicBool,
     /// Shown on /readyz while TLS verification is off.
@@ -58,7 +61,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let ready = state.manager.is_ready().await && !state.draining.load(Ordering::SeqCst);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(expiry, ready),
+        state
+            .metrics
+            .render(expiry, ready, &state.connections.open_connections()),
     )
         .into_response()
 }

@@ -21,6 +21,7 @@ pub mod outbound;
 pub mod proxy;
 pub mod secret;
 pub mod server;
+pub mod spread;
 pub mod upstream_http1;
 pub mod upstream_pool;
 
@@ -135,7 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .div_ceil(listeners.workers())
             .max(1),
     };
-    let workers_done = server::spawn_workers(
+    let workers = server::spawn_workers(
         listeners,
         || Forwarder::new(shared.clone(), connector.clone(), pool_limits),
         server::WorkerSettings {
@@ -149,6 +150,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_state = Arc::new(AdminState {
         manager: manager.clone(),
         metrics: metrics.clone(),
+        connections: workers.shares.clone(),
         draining: false.into(),
         insecure_skip_verify: config.tls.insecure_skip_verify,
     });
@@ -179,7 +181,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             );
             tokio::time::sleep(delay).await;
             stop_accepting.cancel();
-            for done in workers_done {
+            for done in workers.done {
                 let _ = done.await;
             }
             // Every worker's last lines, also those of one that ended abnormally.

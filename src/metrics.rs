@@ -95,8 +95,14 @@ impl Metrics {
             .sum()
     }
 
-    /// The text exposition; `token_expiry` is the seconds left on the current credential.
-    pub fn render(&self, token_expiry: Option<f64>, ready: bool) -> String {
+    /// The text exposition; `token_expiry` is the seconds left on the current credential,
+    /// `open_connections` the callers' connections each worker serves.
+    pub fn render(
+        &self,
+        token_expiry: Option<f64>,
+        ready: bool,
+        open_connections: &[usize],
+    ) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(out, "# HELP seldon_auth_proxy_requests_total Requests answered to callers, by status class.");
         let _ = writeln!(out, "# TYPE seldon_auth_proxy_requests_total counter");
@@ -178,6 +184,17 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE seldon_auth_proxy_ready gauge");
         let _ = writeln!(out, "seldon_auth_proxy_ready {}", u8::from(ready));
+        let _ = writeln!(
+            out,
+            "# HELP seldon_auth_proxy_open_connections Callers' connections open, by worker."
+        );
+        let _ = writeln!(out, "# TYPE seldon_auth_proxy_open_connections gauge");
+        for (worker, open) in open_connections.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "seldon_auth_proxy_open_connections{{worker=\"{worker}\"}} {open}"
+            );
+        }
         out
     }
 }
@@ -192,7 +209,7 @@ mod tests {
         m.request(200, Duration::from_micros(300));
         m.request(503, Duration::from_millis(20));
         m.token_request("client_credentials", true);
-        let text = m.render(Some(12.5), true);
+        let text = m.render(Some(12.5), true, &[3, 2]);
         assert!(text.contains("seldon_auth_proxy_requests_total{code_class=\"2xx\"} 1"));
         assert!(text.contains("seldon_auth_proxy_requests_total{code_class=\"5xx\"} 1"));
         assert!(text.contains("seldon_auth_proxy_request_duration_seconds_bucket{le=\"0.0005\"} 1"));
@@ -202,6 +219,8 @@ mod tests {
             "seldon_auth_proxy_token_requests_total{grant=\"client_credentials\",outcome=\"success\"} 1"
         ));
         assert!(text.contains("seldon_auth_proxy_token_expiry_seconds 12.500"));
+        assert!(text.contains("seldon_auth_proxy_open_connections{worker=\"0\"} 3\n"));
+        assert!(text.contains("seldon_auth_proxy_open_connections{worker=\"1\"} 2\n"));
         assert_eq!(m.token_requests_total(), 1);
     }
 }

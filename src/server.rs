@@ -1,5 +1,6 @@
 //! The proxy listener: one single-threaded runtime per CPU, each with its own
-//! `SO_REUSEPORT` socket, connection pool and connection limit, and a graceful drain.
+//! `SO_REUSEPORT` socket, connection pool and connection limit (the connections spread
+//! evenly over them, see `spread`), and a graceful drain.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,6 +16,7 @@ use crate::caller_http1;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
+use crate::spread::{Counted, Inbox, Shares, SpreadListener};
 
 /// Sockets bound before the workers start, so start-up errors surface at once.
 pub enum BoundListeners {
@@ -118,6 +120,13 @@ pub struct WorkerSettings {
     pub grace: Duration,
 }
 
+/// The running workers: one receiver per worker, told when it has drained, and their shares
+/// of the open connections.
+pub struct Workers {
+    pub done: Vec<tokio::sync::oneshot::Receiver<()>>,
+    pub shares: Arc<Shares>,
+}
+
 /// Starts one worker thread per listener; each returns when its connections have drained
 /// after `stop_accepting` fires (or the grace period ran out).
 pub fn spawn_workers(
@@ -125,7 +134,8 @@ pub fn spawn_workers(
     make_forwarder: impl Fn() -> Forwarder,
     settings: WorkerSettings,
     stop_accepting: Shutdown,
-) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
+) -> anyhow::Result<Workers> {
+    let (shares, inboxes) = Shares::new(listeners.workers());
     let mut done = Vec::new();
     let mut start =
         |index: usize, listener: WorkerListener, max_connections: usize| -> anyhow::Result<()> {
@@ -135,6 +145,7 @@ pub fn spawn_workers(
                 ..settings.clone()
             };
             let stop = stop_accepting.clone();
+            let shares = shares.clone();
             let (tx, rx) = tokio::sync::oneshot::channel();
             std::thread::Builder::new()
                 .name(format!("proxy-worker-{index}"))
@@ -143,7 +154,8 @@ pub fn spawn_workers(
                         .enable_all()
                         .build()
                     {
-                        Ok(runtime) => runtime.block_on(serve(listener, forwarder, settings, stop)),
+                        Ok(runtime) => runtime
+                            .block_on(serve(listener, index, shares, forwarder, settings, stop)),
                         Err(e) => tracing::error!("worker {index} could not start: {e}"),
                     }
                     let _ = tx.send(());
@@ -154,57 +166,71 @@ pub fn spawn_workers(
     match listeners {
         BoundListeners::Tcp(sockets) => {
             let per_worker = settings.max_connections.div_ceil(sockets.len()).max(1);
-            for (i, socket) in sockets.into_iter().enumerate() {
-                start(i, WorkerListener::Tcp(socket), per_worker)?;
+            for (i, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
+                start(i, WorkerListener::Tcp(socket, inbox), per_worker)?;
             }
         }
         BoundListeners::Unix(socket) => {
             start(0, WorkerListener::Unix(socket), settings.max_connections)?
         }
     }
-    Ok(done)
+    Ok(Workers { done, shares })
 }
 
 enum WorkerListener {
-    Tcp(std::net::TcpListener),
+    Tcp(std::net::TcpListener, Inbox),
     Unix(std::os::unix::net::UnixListener),
 }
 
 /// A listener a worker accepts connections from.
 trait Acceptor {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    async fn accept_one(&self) -> std::io::Result<Self::Stream>;
+    /// Each connection is counted in its worker's share until it closes.
+    async fn accept_one(&mut self) -> std::io::Result<(Self::Stream, Counted)>;
 }
 
-impl Acceptor for tokio::net::TcpListener {
+impl Acceptor for SpreadListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
-        let (stream, _) = self.accept().await?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+    async fn accept_one(&mut self) -> std::io::Result<(Self::Stream, Counted)> {
+        self.accept().await
     }
 }
 
-impl Acceptor for tokio::net::UnixListener {
+/// The Unix socket's one worker, which counts its connections.
+struct UnixAcceptor {
+    listener: tokio::net::UnixListener,
+    shares: Arc<Shares>,
+}
+
+impl Acceptor for UnixAcceptor {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> std::io::Result<Self::Stream> {
-        Ok(self.accept().await?.0)
+    async fn accept_one(&mut self) -> std::io::Result<(Self::Stream, Counted)> {
+        let (stream, _) = self.listener.accept().await?;
+        Ok((stream, Counted::new(&self.shares, 0)))
     }
 }
 
 async fn serve(
     listener: WorkerListener,
+    index: usize,
+    shares: Arc<Shares>,
     forwarder: Forwarder,
     settings: WorkerSettings,
     stop: Shutdown,
 ) {
     let result = match listener {
-        WorkerListener::Tcp(socket) => match tokio::net::TcpListener::from_std(socket) {
-            Ok(listener) => accept_loop(listener, &forwarder, &settings, &stop).await,
+        WorkerListener::Tcp(socket, inbox) => match tokio::net::TcpListener::from_std(socket) {
+            Ok(listener) => {
+                let listener = SpreadListener::new(listener, inbox, shares, index);
+                accept_loop(listener, &forwarder, &settings, &stop).await
+            }
             Err(e) => Err(e),
         },
         WorkerListener::Unix(socket) => match tokio::net::UnixListener::from_std(socket) {
-            Ok(listener) => accept_loop(listener, &forwarder, &settings, &stop).await,
+            Ok(listener) => {
+                let listener = UnixAcceptor { listener, shares };
+                accept_loop(listener, &forwarder, &settings, &stop).await
+            }
             Err(e) => Err(e),
         },
     };
@@ -214,7 +240,7 @@ async fn serve(
 }
 
 async fn accept_loop<A: Acceptor>(
-    listener: A,
+    mut listener: A,
     forwarder: &Forwarder,
     settings: &WorkerSettings,
     stop: &Shutdown,
@@ -248,9 +274,9 @@ async fn accept_loop<A: Acceptor>(
             },
             _ = stop.cancelled() => break,
         };
-        let stream = tokio::select! {
-            stream = listener.accept_one() => match stream {
-                Ok(stream) => stream,
+        let (stream, held) = tokio::select! {
+            accepted = listener.accept_one() => match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!("accept failed: {e}");
@@ -270,6 +296,7 @@ async fn accept_loop<A: Acceptor>(
         tokio::spawn(async move {
             connection.await;
             drop(permit);
+            drop(held);
         });
     }
     // Stop accepting at once: new callers get a refused connection, not a hang.

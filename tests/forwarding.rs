@@ -475,6 +475,84 @@ async fn echo_teardown(idp: TestIdp, echo: EchoUpstream, proxy: Proxy) {
     idp.stop().await;
 }
 
+/// The open-connection gauges of every worker, from /metrics.
+async fn open_connections(proxy: &Proxy) -> Vec<f64> {
+    let text = proxy.metrics().await;
+    (0..)
+        .map_while(|w| {
+            metric(
+                &text,
+                &format!("seldon_auth_proxy_open_connections{{worker=\"{w}\"}}"),
+            )
+        })
+        .collect()
+}
+
+/// Sends a GET on a connection kept open and reads its whole answer.
+async fn call_kept_open(stream: &mut tokio::net::TcpStream) -> raw_http::RawResponse {
+    let request = format!("GET {API}{LIST} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&bytes));
+        bytes.extend_from_slice(&chunk[..n]);
+        if let Some(response) = raw_http::parse(&bytes) {
+            let whole = match response.header("content-length") {
+                Some(length) => response.body.len() == length.parse::<usize>().unwrap(),
+                None => bytes.ends_with(b"\r\n0\r\n\r\n"),
+            };
+            if whole {
+                return response;
+            }
+        }
+    }
+}
+
+/// The kernel deals connections to the two workers' sockets by a hash of their addresses; the
+/// workers even it out, so two callers keep a worker each, as do six.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_callers_are_spread_evenly_over_the_workers() {
+    let (idp, echo, proxy) = echo_setup().await;
+    assert_eq!(open_connections(&proxy).await, [0.0, 0.0]);
+    let mut callers = Vec::new();
+    for made in 1..=6 {
+        let mut caller = tokio::net::TcpStream::connect(proxy.proxy_addr())
+            .await
+            .unwrap();
+        assert_eq!(call_kept_open(&mut caller).await.status, 200);
+        callers.push(caller);
+        let open = open_connections(&proxy).await;
+        let total: f64 = open.iter().sum();
+        assert_eq!(total, made as f64, "{open:?}");
+        assert!(
+            (open[0] - open[1]).abs() <= 1.0,
+            "after {made} callers: {open:?}"
+        );
+    }
+    assert_eq!(open_connections(&proxy).await, [3.0, 3.0]);
+    // Every caller is served again on its connection, wherever it went.
+    for caller in &mut callers {
+        assert_eq!(call_kept_open(caller).await.status, 200);
+    }
+    assert_eq!(open_connections(&proxy).await, [3.0, 3.0]);
+    assert_eq!(echo.requests().len(), 12);
+    drop(callers);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_connections(&proxy).await != [0.0, 0.0] {
+        assert!(
+            Instant::now() < deadline,
+            "closed connections still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echo_teardown(idp, echo, proxy).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_queries_and_small_bodies_pass_through_unchanged() {
     let (idp, echo, proxy) = echo_setup().await;
