@@ -170,6 +170,7 @@ pub fn spawn_workers(
                 start(i, WorkerListener::Tcp(socket, inbox), per_worker)?;
             }
         }
+        // One worker, so nothing to hand over: its inbox goes unused.
         BoundListeners::Unix(socket) => {
             start(0, WorkerListener::Unix(socket), settings.max_connections)?
         }

@@ -40,12 +40,13 @@ impl Shares {
             .collect()
     }
 
-    /// The worker with the fewest connections, when it has fewer than `worker`.
-    fn fewer_than(&self, worker: usize) -> Option<usize> {
+    /// The worker with the fewest connections, when it has fewer than `worker`; a worker that
+    /// has stopped taking connections is passed over.
+    fn least_loaded_below(&self, worker: usize) -> Option<usize> {
         let open = |w: usize| self.open[w].load(Ordering::Relaxed);
         let mine = open(worker);
         (0..self.open.len())
-            .filter(|&w| w != worker)
+            .filter(|&w| w != worker && !self.inboxes[w].is_closed())
             .map(|w| (open(w), w))
             .min()
             .filter(|&(theirs, _)| theirs < mine)
@@ -99,30 +100,52 @@ impl SpreadListener {
     }
 
     /// The next connection this worker serves: one handed over, or one accepted here while
-    /// no worker holds fewer. The [`Counted`] keeps it in the count until dropped.
+    /// no worker holds fewer. The [`Counted`] keeps it in the count until dropped. Errors are
+    /// the listener's; a connection that cannot be handed over is closed and logged.
     pub async fn accept(&mut self) -> std::io::Result<(tokio::net::TcpStream, Counted)> {
         loop {
             tokio::select! {
                 biased;
                 Some((stream, counted)) = self.inbox.0.recv() => {
-                    return Ok((tokio::net::TcpStream::from_std(stream)?, counted));
+                    match tokio::net::TcpStream::from_std(stream) {
+                        Ok(stream) => return Ok((stream, counted)),
+                        Err(e) => tracing::warn!("a connection handed over could not be taken: {e}"),
+                    }
                 }
                 accepted = self.listener.accept() => {
                     let (stream, _) = accepted?;
-                    stream.set_nodelay(true)?;
-                    let Some(other) = self.shares.fewer_than(self.worker) else {
-                        return Ok((stream, Counted::new(&self.shares, self.worker)));
-                    };
-                    let counted = Counted::new(&self.shares, other);
-                    // Leaving this worker's runtime; the other registers it with its own.
-                    let stream = stream.into_std()?;
-                    if let Err(returned) = self.shares.inboxes[other].send((stream, counted)) {
-                        // That worker has stopped: serve it here.
-                        let (stream, _) = returned.0;
-                        let stream = tokio::net::TcpStream::from_std(stream)?;
-                        return Ok((stream, Counted::new(&self.shares, self.worker)));
+                    // Without it, only small answers wait a little longer.
+                    let _ = stream.set_nodelay(true);
+                    match self.keep_or_hand_over(stream) {
+                        Ok(Some(kept)) => return Ok(kept),
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("a connection could not be handed over: {e}"),
                     }
                 }
+            }
+        }
+    }
+
+    /// Hands `stream` to the worker with the fewest connections when that is fewer than this
+    /// worker's (None), or returns it to be served here.
+    fn keep_or_hand_over(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> std::io::Result<Option<(tokio::net::TcpStream, Counted)>> {
+        let Some(other) = self.shares.least_loaded_below(self.worker) else {
+            return Ok(Some((stream, Counted::new(&self.shares, self.worker))));
+        };
+        let counted = Counted::new(&self.shares, other);
+        // Leaving this worker's runtime; the other registers it with its own.
+        let stream = stream.into_std()?;
+        match self.shares.inboxes[other].send((stream, counted)) {
+            Ok(()) => Ok(None),
+            Err(returned) => {
+                // That worker has just stopped taking connections: serve it here.
+                let (stream, counted_there) = returned.0;
+                drop(counted_there);
+                let stream = tokio::net::TcpStream::from_std(stream)?;
+                Ok(Some((stream, Counted::new(&self.shares, self.worker))))
             }
         }
     }
@@ -131,13 +154,17 @@ impl SpreadListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::config::ListenAddr;
     use crate::server::{bind, BoundListeners};
 
-    /// Two workers' sockets on one port, each accepting in a task of its own and reporting
-    /// every connection it serves (kept open) with its worker's number.
+    /// Two workers' sockets on one port, each with a runtime on a thread of its own, as in
+    /// the proxy. Each worker reads the caller's first bytes (sent at once, before any hand
+    /// over) from every connection it serves, and reports the connection, kept open.
     #[tokio::test]
     async fn connections_made_one_after_another_split_evenly_over_two_workers() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let any_port = ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
         let (BoundListeners::Tcp(sockets), ListenAddr::Tcp(addr)) = bind(&any_port, 2).unwrap()
         else {
@@ -145,67 +172,84 @@ mod tests {
         };
         let (shares, inboxes) = Shares::new(2);
         let (served_tx, mut served) = mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut workers = Vec::new();
         for (worker, (socket, inbox)) in sockets.into_iter().zip(inboxes).enumerate() {
-            let listener = tokio::net::TcpListener::from_std(socket).unwrap();
-            let mut listener = SpreadListener::new(listener, inbox, shares.clone(), worker);
-            let served_tx = served_tx.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let connection = listener.accept().await.unwrap();
-                    served_tx.send((worker, connection)).unwrap();
-                }
+            let (shares, served_tx, mut stop) = (shares.clone(), served_tx.clone(), stop.clone());
+            workers.push(std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(socket).unwrap();
+                    let mut listener = SpreadListener::new(listener, inbox, shares, worker);
+                    loop {
+                        let (mut stream, counted) = tokio::select! {
+                            accepted = listener.accept() => accepted.unwrap(),
+                            _ = stop.changed() => return,
+                        };
+                        let mut first = [0u8; 4];
+                        stream.read_exact(&mut first).await.unwrap();
+                        served_tx.send((worker, first, stream, counted)).unwrap();
+                    }
+                });
             }));
         }
+        drop(served_tx);
         let mut callers = Vec::new();
         let mut kept = Vec::new();
         for made in 1..=32 {
-            callers.push(tokio::net::TcpStream::connect(addr).await.unwrap());
-            kept.push(served.recv().await.unwrap());
+            let mut caller = tokio::net::TcpStream::connect(addr).await.unwrap();
+            caller.write_all(b"ping").await.unwrap();
+            callers.push(caller);
+            let (worker, first, stream, counted) =
+                tokio::time::timeout(Duration::from_secs(10), served.recv())
+                    .await
+                    .expect("a connection served within 10 s")
+                    .expect("the workers are running");
+            assert_eq!(&first, b"ping", "the caller's bytes reach worker {worker}");
+            kept.push((worker, stream, counted));
             let open = shares.open_connections();
             assert!(open[0].abs_diff(open[1]) <= 1, "after {made}: {open:?}");
         }
         assert_eq!(shares.open_connections(), [16, 16]);
-        let by_worker = |w| kept.iter().filter(|(worker, _)| *worker == w).count();
+        let by_worker = |w| kept.iter().filter(|(worker, ..)| *worker == w).count();
         assert_eq!(
             (by_worker(0), by_worker(1)),
             (16, 16),
             "served where counted"
         );
 
-        // A connection handed over still carries its bytes to the worker that serves it.
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        for (caller, (_, (stream, _))) in callers.iter_mut().zip(kept.iter_mut()) {
-            caller.write_all(b"ping").await.unwrap();
-            let mut got = [0u8; 4];
-            stream.read_exact(&mut got).await.unwrap();
-            assert_eq!(&got, b"ping");
-        }
-
         // Closing connections gives their places back.
-        kept.retain(|(worker, _)| *worker == 1);
+        kept.retain(|(worker, ..)| *worker == 1);
         assert_eq!(shares.open_connections(), [0, 16]);
         drop(kept);
         assert_eq!(shares.open_connections(), [0, 0]);
-        for task in tasks {
-            task.abort();
+        stop_tx.send(true).unwrap();
+        for worker in workers {
+            worker.join().unwrap();
         }
     }
 
     #[test]
     fn a_connection_goes_to_the_worker_with_the_fewest_only_when_it_has_fewer() {
-        let (shares, _inboxes) = Shares::new(3);
+        let (shares, mut inboxes) = Shares::new(3);
         let held: Vec<Counted> = [0, 0, 1, 1, 1, 2]
             .into_iter()
             .map(|w| Counted::new(&shares, w))
             .collect();
         assert_eq!(shares.open_connections(), [2, 3, 1]);
-        assert_eq!(shares.fewer_than(0), Some(2));
-        assert_eq!(shares.fewer_than(1), Some(2));
-        assert_eq!(shares.fewer_than(2), None, "no worker has fewer");
+        assert_eq!(shares.least_loaded_below(0), Some(2));
+        assert_eq!(shares.least_loaded_below(1), Some(2));
+        assert_eq!(shares.least_loaded_below(2), None, "no worker has fewer");
+        // A worker that stopped taking connections (its inbox gone) is passed over.
+        drop(inboxes.remove(2));
+        assert_eq!(shares.least_loaded_below(1), Some(0));
+        assert_eq!(shares.least_loaded_below(0), None);
         drop(held);
         assert_eq!(
-            shares.fewer_than(0),
+            shares.least_loaded_below(0),
             None,
             "equal shares stay where they are"
         );
