@@ -1115,30 +1115,6 @@ async fn a_slowloris_head_is_cut_after_the_header_read_timeout() {
     stop_stack(idp, upstream, proxy).await;
 }
 
-/// Reads one response with a Content-Length from a keep-alive connection, leaving it open.
-async fn read_one_response(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<u16> {
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 8192];
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = raw_http::parse(&bytes)?;
-            let length: usize = head
-                .header("content-length")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            if bytes.len() >= end + 4 + length {
-                return Some(head.status);
-            }
-        }
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match tokio::time::timeout(left, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&buf[..n]),
-            _ => return None,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_in_the_backlog() {
     let (idp, upstream, proxy) = stack(60, |s| Settings {
@@ -1154,7 +1130,7 @@ async fn connections_beyond_max_connections_wait_in_the_backlog() {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream.write_all(request.as_bytes()).await.unwrap();
         assert_eq!(
-            read_one_response(&mut stream, Duration::from_secs(5)).await,
+            raw_http::read_one_response(&mut stream, Duration::from_secs(5)).await,
             Some(200)
         );
         held.push(stream);
@@ -1171,7 +1147,7 @@ async fn connections_beyond_max_connections_wait_in_the_backlog() {
     }
     for stream in &mut waiting {
         assert_eq!(
-            read_one_response(stream, Duration::from_millis(700)).await,
+            raw_http::read_one_response(stream, Duration::from_millis(700)).await,
             None,
             "served beyond max_connections"
         );
@@ -1180,7 +1156,7 @@ async fn connections_beyond_max_connections_wait_in_the_backlog() {
     drop(held);
     for stream in &mut waiting {
         assert_eq!(
-            read_one_response(stream, Duration::from_secs(5)).await,
+            raw_http::read_one_response(stream, Duration::from_secs(5)).await,
             Some(200),
             "a waiting connection was not served after the first ones closed"
         );

@@ -1,7 +1,7 @@
 //! Exact HTTP/1.1 bytes over a socket: for request targets and heads no client library would send.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -72,6 +72,40 @@ where
         .await
         .unwrap_or_else(|partial| partial);
     parse(&bytes)
+}
+
+/// Reads one response from a keep-alive connection, leaving it open: its head and a body of
+/// its Content-Length, or its chunks up to the last. Returns the status, or None when the
+/// connection closes or `limit` passes first.
+pub async fn read_one_response(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<u16> {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse(&bytes)?;
+            let chunked = head
+                .header("transfer-encoding")
+                .is_some_and(|te| te.eq_ignore_ascii_case("chunked"));
+            let whole = if chunked {
+                bytes.ends_with(b"\r\n0\r\n\r\n")
+            } else {
+                let length: usize = head
+                    .header("content-length")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                bytes.len() >= end + 4 + length
+            };
+            if whole {
+                return Some(head.status);
+            }
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
 }
 
 /// Sends one request over a new TCP connection (at most 10 s).
