@@ -7,6 +7,7 @@ pub mod admin;
 pub mod body;
 pub mod caller_fields;
 pub mod caller_http1;
+pub mod caller_stall;
 pub mod cli;
 pub mod config;
 pub mod credential;

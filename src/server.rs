@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 
 use crate::caller_http1;
+use crate::caller_stall::StallLimited;
 use crate::config::{Limits, ListenAddr};
 use crate::credential::manager::Shutdown;
 use crate::proxy::Forwarder;
@@ -288,7 +289,7 @@ async fn accept_loop<A: Acceptor>(
             _ = stop.cancelled() => break,
         };
         let connection = caller_http1::serve(
-            stream,
+            StallLimited::new(stream, settings.limits.idle_timeout),
             forwarder.clone(),
             http.clone(),
             connection_settings,

@@ -23,7 +23,7 @@ use common::proxy::{
 };
 use common::proxy_child::{command, run, run_command};
 use common::raw_http;
-use seldon_auth_proxy::config::AuthMethod;
+use seldon_auth_proxy::config::{AuthMethod, Settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIST: &str = "/namespaces/seldon/seldondeployments";
@@ -533,6 +533,78 @@ async fn keep_alive_callers_are_spread_evenly_over_the_workers() {
             "closed connections still counted"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    echo_teardown(idp, echo, proxy).await;
+}
+
+/// A caller that asks for a large answer and stops reading it holds the upstream connection
+/// feeding it. After the idle timeout with nothing taken, the proxy closes that caller, so the
+/// upstream place comes free for others instead of being held until the caller goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_reading_its_answer_is_cut_off_and_frees_its_upstream_place() {
+    const DECLARED: usize = 256 << 20;
+    let idp = TestIdp::start(idp_options(300)).await;
+    let echo = EchoUpstream::start().await;
+    let proxy = Proxy::start(Settings {
+        workers: Some(1),
+        upstream_max_connections: Some(1),
+        idle_timeout: Some(Duration::from_secs(1)),
+        upstream_timeout: Some(Duration::from_secs(20)),
+        ..settings(&echo.url, &idp)
+    })
+    .await;
+    proxy
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("the proxy is ready within 10 s");
+
+    // A plain GET (read by the proxy itself) and a POST with a body (read by hyper).
+    let stuck_requests = [
+        format!("GET {API}/namespaces/seldon/models/download HTTP/1.1\r\nHost: localhost\r\nx-echo-body-bytes: {DECLARED}\r\n\r\n"),
+        format!("POST {API}/namespaces/seldon/models/download HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\nx-echo-body-bytes: {DECLARED}\r\n\r\n{{}}"),
+    ];
+    for (sent, request) in stuck_requests.iter().enumerate() {
+        let mut stuck = tokio::net::TcpStream::connect(proxy.proxy_addr())
+            .await
+            .unwrap();
+        stuck.write_all(request.as_bytes()).await.unwrap();
+        echo.wait_for_requests(2 * sent + 1, Duration::from_secs(10))
+            .await;
+
+        // The only upstream place is the stuck caller's; the next call gets it once that
+        // caller is cut off, long before upstream_timeout would answer it 503 upstream_busy.
+        let started = Instant::now();
+        let next = client()
+            .get(proxy.api(LIST))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(next.status(), 200, "{request:?}: {:?}", next.text().await);
+        assert!(
+            waited < Duration::from_secs(15),
+            "{request:?}: waited {waited:?}"
+        );
+
+        // The stuck caller finds its answer cut short: what was already in the sockets'
+        // buffers, then the end of the connection.
+        let mut taken = 0;
+        let mut buf = vec![0; 1 << 16];
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match stuck.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => taken += n,
+                }
+            }
+        })
+        .await
+        .expect("the proxy closed the stuck connection");
+        assert!(
+            taken < DECLARED,
+            "{request:?}: the whole body arrived: {taken} bytes"
+        );
     }
     echo_teardown(idp, echo, proxy).await;
 }
