@@ -27,7 +27,13 @@ impl Guard {
         uri: &Uri,
         fields: &CallerFields<'_>,
     ) -> Result<(), ProxyError> {
-        if method == Method::CONNECT || method == Method::TRACE {
+        // In any case: methods are case-sensitive, but a lenient server behind might take
+        // `trace` for TRACE and echo the injected token back.
+        let refused = [Method::CONNECT, Method::TRACE];
+        if refused
+            .iter()
+            .any(|m| m.as_str().eq_ignore_ascii_case(method.as_str()))
+        {
             return Err(ProxyError::MethodNotAllowed);
         }
         self.check_host(version, uri, fields)?;

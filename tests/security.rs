@@ -97,6 +97,10 @@ async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the
     for (request, expected) in [
         ("CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\nConnection: close\r\n\r\n".to_owned(), vec![400, 403, 405]),
         (format!("TRACE {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), vec![405]),
+        // Another method to the letter, but one a lenient server behind might take for TRACE,
+        // echoing the injected token back.
+        (format!("trace {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), vec![405]),
+        (format!("Connect {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), vec![405]),
         ("OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".to_owned(), vec![400, 404]),
     ] {
         tried += 1;
