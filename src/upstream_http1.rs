@@ -497,7 +497,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         let base = self.read_buf.as_ptr() as usize;
         self.fields.clear();
         let mut content_length: Option<u64> = None;
-        let mut transfer_encoding: Option<bool> = None; // Some(whether the last coding is chunked)
+        // Whether a Transfer-Encoding came, and how many of its codings were `chunked`.
+        let mut transfer_encoding = false;
+        let mut chunked_codings = 0;
         let mut close = version == Version::HTTP_10;
         for field in response.headers.iter() {
             let name = field.name.as_bytes();
@@ -512,8 +514,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 }
                 content_length = Some(length);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
-                transfer_encoding = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                // Only `chunked` alone is taken: the field is not passed on, so a body still
+                // in another coding (`gzip, chunked`) would reach the caller with nothing to
+                // say how to read it.
+                transfer_encoding = true;
+                for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if coding.eq_ignore_ascii_case(b"chunked") {
+                        chunked_codings += 1;
+                    } else if !coding.is_empty() {
+                        return Err(Http1Error::malformed(format!(
+                            "the transfer coding {:?}, which the proxy cannot pass on (only chunked)",
+                            String::from_utf8_lossy(coding)
+                        )));
+                    }
+                }
+                if chunked_codings > 1 {
+                    return Err(Http1Error::malformed("chunked applied twice"));
+                }
                 this_hop_only = true;
             } else if name.eq_ignore_ascii_case(b"keep-alive") {
                 this_hop_only = true;
@@ -559,13 +576,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             || status == StatusCode::NOT_MODIFIED
         {
             Framing::Done
-        } else if let Some(chunked) = transfer_encoding {
+        } else if transfer_encoding {
             // Transfer-Encoding decides; a Content-Length beside it means nothing.
             headers.remove(http::header::CONTENT_LENGTH);
-            if chunked {
+            if chunked_codings == 1 {
                 Framing::Chunked(Chunked::Size)
             } else {
-                Framing::UntilClose
+                Framing::UntilClose // a field with no coding in it
             }
         } else {
             match content_length {
@@ -575,7 +592,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             }
         };
         // Both framings at once smells of request smuggling: not reused (RFC 9112 6.3).
-        let both_framings = transfer_encoding.is_some() && content_length.is_some();
+        let both_framings = transfer_encoding && content_length.is_some();
         let until_close = matches!(self.framing, Framing::UntilClose);
         // Once the request body was abandoned, the connection stays unusable.
         self.keep_alive = self.keep_alive && !close && !until_close && !both_framings;
@@ -1014,6 +1031,18 @@ mod tests {
             (
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 "hex",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "\"gzip\", which the proxy cannot pass on",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "\"gzip\"",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+                "chunked applied twice",
             ),
             (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "upgrades"),
             (b"NOT HTTP\r\n\r\n", "not valid"),
