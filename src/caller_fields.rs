@@ -14,6 +14,8 @@ pub struct CallerFields<'a> {
     pub request_id: Option<&'a HeaderValue>,
     /// Whether the caller sent a `Connection` field (it may name more fields to drop).
     pub connection: bool,
+    /// Whether `Host` came more than once (RFC 9112 3.2: such a request is answered 400).
+    pub repeated_host: bool,
 }
 
 impl<'a> CallerFields<'a> {
@@ -21,7 +23,10 @@ impl<'a> CallerFields<'a> {
         let mut found = CallerFields::default();
         for (name, value) in headers {
             let slot = match name.as_str() {
-                "host" => &mut found.host,
+                "host" => {
+                    found.repeated_host |= found.host.is_some();
+                    &mut found.host
+                }
                 "origin" => &mut found.origin,
                 "sec-fetch-site" => &mut found.sec_fetch_site,
                 "authorization" => &mut found.authorization,
@@ -71,6 +76,9 @@ mod tests {
         }
         assert_eq!(fields.request_id.unwrap(), "first");
         assert!(fields.connection);
+        assert!(!fields.repeated_host);
+        headers.append("host", HeaderValue::from_static("elsewhere.example"));
+        assert!(CallerFields::of(&headers).repeated_host);
 
         let empty = HeaderMap::new();
         let none = CallerFields::of(&empty);

@@ -48,6 +48,9 @@ impl Guard {
         uri: &Uri,
         fields: &CallerFields<'_>,
     ) -> Result<(), ProxyError> {
+        if fields.repeated_host {
+            return Err(ProxyError::BadRequest("more than one Host field".into()));
+        }
         let host = match fields.host {
             Some(value) => value.to_str().map_err(|_| ProxyError::ForbiddenHost)?,
             // Without a Host header only an absolute-form target carries an authority (and

@@ -101,6 +101,8 @@ async fn hostile_requests_are_refused_and_nothing_outside_the_prefix_reaches_the
         // echoing the injected token back.
         (format!("trace {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), vec![405]),
         (format!("Connect {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"), vec![405]),
+        // Two Host fields: which one a server behind would take is anybody's guess (RFC 9112 3.2).
+        (format!("GET {p}/x HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"), vec![400]),
         ("OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".to_owned(), vec![400, 404]),
     ] {
         tried += 1;
