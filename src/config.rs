@@ -307,7 +307,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_HEADER_READ_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub header_read_timeout: Option<Duration>,
-    /// Idle client keep-alive connections are closed after this, or after header_read_timeout if shorter; so is a connection whose caller takes none of its answer for this long [default: 30s].
+    /// Idle client keep-alive connections are closed after this, or after header_read_timeout if shorter; an answer the caller takes none of, or the upstream sends none of, for this long is cut short [default: 30s].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_IDLE_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,

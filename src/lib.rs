@@ -136,6 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .upstream_max_connections
             .div_ceil(listeners.workers())
             .max(1),
+        body_stall: config.limits.idle_timeout,
     };
     let workers = server::spawn_workers(
         listeners,

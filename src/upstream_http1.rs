@@ -17,6 +17,7 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -64,6 +65,8 @@ pub enum Http1Error {
     ClosedBeforeAnswer,
     #[error("the upstream closed the connection in the middle of its response")]
     Incomplete,
+    #[error("the upstream sent nothing more of its response for {0:?} (idle_timeout)")]
+    Stalled(Duration),
     #[error("the upstream's response is not valid HTTP/1.1: {0}")]
     Malformed(String),
     #[error("the upstream's response head is larger than {} KiB", MAX_HEAD_BYTES / 1024)]
@@ -154,8 +157,13 @@ pub struct Connection<T> {
     keep_alive: bool,
     /// Where each field of the head being parsed is (name, value), kept to reuse its room.
     fields: Vec<(Range<usize>, Range<usize>)>,
-    /// The deadline of [`Connection::send_by`], kept from one request to the next.
+    /// The deadline of [`Connection::send_by`], and of a body that stalls, kept from one
+    /// request to the next.
     deadline: Option<LazyDeadline>,
+    /// How long a response body may send nothing before it is cut short (`None`: for ever).
+    stall_limit: Option<Duration>,
+    /// Whether the body's last read had to wait: the stall deadline runs from then on.
+    stalled: bool,
 }
 
 /// What [`Connection::parse_head`] found at the start of the read buffer.
@@ -178,7 +186,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             keep_alive: true,
             fields: Vec::new(),
             deadline: None,
+            stall_limit: None,
+            stalled: false,
         }
+    }
+
+    /// Cuts a response body short once the upstream has sent nothing of it for `limit`, as
+    /// the caller would otherwise wait for the rest, and the connection's place stay taken,
+    /// for as long as the connection stays open.
+    pub fn with_stall_limit(mut self, limit: Duration) -> Connection<T> {
+        self.stall_limit = Some(limit);
+        self
     }
 
     /// Whether an idle connection can carry a request: the upstream has neither closed it
@@ -274,6 +292,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         body: ForwardBody,
         deadline: Instant,
     ) -> Result<http::response::Parts, SendFailure> {
+        self.stalled = false;
         let mut timer = match self.deadline.take() {
             Some(mut timer) => {
                 timer.set(deadline);
@@ -297,8 +316,37 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     }
 
     /// Reads the next piece of the response body; `None` at its end. Writes whatever of the
-    /// request body remains first.
+    /// request body remains first. A body that sends nothing for the stall limit is an error.
     pub fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Http1Error>>> {
+        let polled = self.poll_body_as_it_comes(cx);
+        let Some(limit) = self.stall_limit else {
+            return polled;
+        };
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        if !self.stalled {
+            self.stalled = true;
+            let at = Instant::now() + limit;
+            match &mut self.deadline {
+                Some(timer) => timer.set(at),
+                None => self.deadline = Some(LazyDeadline::new(at)),
+            }
+        }
+        match self.deadline.as_mut().map(|timer| timer.poll_passed(cx)) {
+            Some(Poll::Ready(())) => {
+                self.keep_alive = false;
+                Poll::Ready(Some(Err(Http1Error::Stalled(limit))))
+            }
+            _ => Poll::Pending,
+        }
+    }
+
+    fn poll_body_as_it_comes(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Http1Error>>> {
         if self.request_body_pending() {
             if let Poll::Ready(Err(e)) = self.poll_send_body(cx) {
                 tracing::debug!("the rest of the request body could not be sent: {e}");
@@ -953,6 +1001,49 @@ mod tests {
         expected.extend_from_slice(&large);
         expected.extend_from_slice(b"\r\n0\r\n\r\n");
         assert!(sent == expected, "the last chunk comes after the data");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_for_the_limit_is_cut_short_and_a_slow_one_is_not() {
+        const LIMIT: Duration = Duration::from_secs(30);
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut connection = Connection::new(ours).with_stall_limit(LIMIT);
+        let upstream = tokio::spawn(async move {
+            let mut request = [0; 512];
+            let _ = theirs.read(&mut request).await.unwrap();
+            theirs
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab")
+                .await
+                .unwrap();
+            // Slow, each pause under the limit and all of them together over it.
+            for piece in [&b"cd"[..], b"e"] {
+                tokio::time::sleep(LIMIT * 6 / 10).await;
+                theirs.write_all(piece).await.unwrap();
+            }
+            theirs // open, with the last byte never sent
+        });
+        let request = get("/x");
+        let (parts, body) = request.into_parts();
+        let head = RequestHead {
+            parts: &parts,
+            set: &[],
+            leave_out: |_| false,
+        };
+        assert!(connection.send(&head, body).await.is_ok());
+        let started = Instant::now();
+        let mut received = Vec::new();
+        let error = loop {
+            match poll_fn(|cx| connection.poll_body(cx)).await {
+                Some(Ok(piece)) => received.extend_from_slice(&piece),
+                Some(Err(e)) => break e,
+                None => panic!("the body ended: {received:?}"),
+            }
+        };
+        assert_eq!(received, b"abcde");
+        assert!(matches!(error, Http1Error::Stalled(LIMIT)), "{error:?}");
+        assert_eq!(started.elapsed(), LIMIT * 12 / 10 + LIMIT);
+        assert!(!connection.is_reusable());
+        drop(upstream.await.unwrap());
     }
 
     #[tokio::test]

@@ -66,6 +66,8 @@ pub struct Limits {
     pub max_idle: usize,
     /// Requests in flight at once; a request beyond it waits for one to finish.
     pub max_in_flight: usize,
+    /// A response body the upstream sends nothing of for this long is cut short.
+    pub body_stall: Duration,
 }
 
 struct IdleConnection {
@@ -81,6 +83,7 @@ pub struct UpstreamPool {
     idle: Mutex<VecDeque<IdleConnection>>,
     max_idle: usize,
     in_flight: Arc<Semaphore>,
+    body_stall: Duration,
     idle_timeout: Duration,
     sweeper_started: std::sync::atomic::AtomicBool,
 }
@@ -98,6 +101,7 @@ impl UpstreamPool {
             idle: Mutex::new(VecDeque::new()),
             max_idle: limits.max_idle,
             in_flight: Arc::new(Semaphore::new(limits.max_in_flight.max(1))),
+            body_stall: limits.body_stall,
             idle_timeout,
             sweeper_started: Default::default(),
         })
@@ -223,7 +227,9 @@ impl UpstreamPool {
             MaybeHttpsStream::Http(tcp) => Either::Left(tcp.into_inner()),
             MaybeHttpsStream::Https(tls) => Either::Right(tls.into_inner()),
         };
-        Ok(Box::new(Connection::new(io)))
+        Ok(Box::new(
+            Connection::new(io).with_stall_limit(self.body_stall),
+        ))
     }
 
     /// Closes connections idle too long, or closed by the upstream, even when no request comes
@@ -295,6 +301,7 @@ impl Body for PooledBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                tracing::warn!("an answer was cut short: {e}");
                 this.owner = None; // the connection and the place go
                 Poll::Ready(Some(Err(e)))
             }

@@ -1446,6 +1446,48 @@ async fn an_upstream_closing_mid_response_gives_a_truncated_body_not_a_hang() {
     stop_stack(idp, upstream, proxy).await;
 }
 
+/// An upstream that sends part of a body and then nothing, with its connection left open,
+/// would keep the caller waiting and the upstream place taken for as long as it stays open.
+/// After idle_timeout with nothing received, the caller's body is cut short and the place is
+/// free for the next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_stalls_mid_response_is_cut_off_after_the_idle_timeout() {
+    let (idp, upstream, proxy) = stack(60, |s| Settings {
+        workers: Some(1),
+        upstream_max_connections: Some(1),
+        idle_timeout: Some(Duration::from_secs(1)),
+        upstream_timeout: Some(Duration::from_secs(20)),
+        ..s
+    })
+    .await;
+    upstream.add_fault(
+        "/stalls",
+        Fault::StallMidResponse {
+            declared: 100_000,
+            sent: 1000,
+        },
+    );
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(15), async {
+        let response = proxy.get("/stalls").await;
+        (response.status().as_u16(), response.bytes().await)
+    })
+    .await
+    .expect("the caller must not wait for ever on a stalled upstream");
+    let took = started.elapsed();
+    assert_eq!(status, 200, "the head was already forwarded");
+    assert!(body.is_err(), "the body must end cut short, not complete");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "cut off after {took:?}"
+    );
+    // The only upstream place is free again at once.
+    let started = Instant::now();
+    assert_eq!(proxy.get("/fine").await.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    stop_stack(idp, upstream, proxy).await;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // IdP hanging
 // ---------------------------------------------------------------------------------------------------------------
