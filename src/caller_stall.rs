@@ -122,7 +122,10 @@ mod tests {
         let (ours, _caller) = tokio::io::duplex(16);
         let mut stream = StallLimited::new(ours, LIMIT);
         let started = Instant::now();
-        let error = stream.write_all(&[7; 64]).await.unwrap_err();
+        let error = tokio::time::timeout(LIMIT * 2, stream.write_all(&[7; 64]))
+            .await
+            .expect("cut off")
+            .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), LIMIT);
     }
@@ -145,7 +148,10 @@ mod tests {
         let mut stream = StallLimited::new(ours, LIMIT);
         let sent: Vec<u8> = (0..80).collect();
         let started = Instant::now();
-        stream.write_all(&sent).await.unwrap();
+        tokio::time::timeout(LIMIT * 10, stream.write_all(&sent))
+            .await
+            .expect("all written")
+            .unwrap();
         stream.shutdown().await.unwrap();
         drop(stream);
         assert!(started.elapsed() > LIMIT * 2, "{:?}", started.elapsed());

@@ -315,7 +315,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM_CONNECT_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub upstream_connect_timeout: Option<Duration>,
-    /// Time allowed for the upstream's response head; the body may stream on [default: 60s].
+    /// Time allowed for the upstream's response head; the body may stream on, with no gap longer than idle_timeout [default: 60s].
     #[arg(long, global = true, env = "SELDON_AUTH_PROXY_UPSTREAM_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "humantime_serde")]
     pub upstream_timeout: Option<Duration>,

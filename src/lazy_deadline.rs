@@ -22,7 +22,8 @@ impl LazyDeadline {
     }
 
     /// Moves the deadline; the timer itself only when the deadline moves earlier, which
-    /// callers setting `now + a fixed timeout` never do.
+    /// callers setting `now + a fixed timeout` never do (one alternating between two timeouts,
+    /// as an upstream connection does for heads and stalled bodies, does at most once a switch).
     pub fn set(&mut self, at: Instant) {
         self.at = at;
         if self.timer.deadline() > at {

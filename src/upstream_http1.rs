@@ -283,9 +283,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
     }
 
     /// [`Connection::send`], given up when no response head has come by `deadline`. The
-    /// connection keeps one timer for all its requests, moved only when it fires before the
-    /// deadline at hand (deadlines only move later), instead of one set and cancelled per
-    /// request.
+    /// connection keeps one timer for all its requests (and its bodies' stall limit), moved
+    /// only when it fires before the deadline at hand or the deadline comes before it,
+    /// instead of one set and cancelled per request.
     pub async fn send_by(
         &mut self,
         head: &RequestHead<'_>,
@@ -322,7 +322,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         let Some(limit) = self.stall_limit else {
             return polled;
         };
-        if polled.is_ready() {
+        // While the request body is still being sent, the wait is the upload's, not a stall.
+        if polled.is_ready() || self.request_body_pending() {
             self.stalled = false;
             return polled;
         }
@@ -545,9 +546,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         let base = self.read_buf.as_ptr() as usize;
         self.fields.clear();
         let mut content_length: Option<u64> = None;
-        // Whether a Transfer-Encoding came, and how many of its codings were `chunked`.
+        // Whether a Transfer-Encoding came, how many of its codings were `chunked`, and the
+        // first other coding (an error, should there be a body to read).
         let mut transfer_encoding = false;
         let mut chunked_codings = 0;
+        let mut other_coding: Option<String> = None;
         let mut close = version == Version::HTTP_10;
         for field in response.headers.iter() {
             let name = field.name.as_bytes();
@@ -562,22 +565,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
                 }
                 content_length = Some(length);
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // Only `chunked` alone is taken: the field is not passed on, so a body still
-                // in another coding (`gzip, chunked`) would reach the caller with nothing to
-                // say how to read it.
                 transfer_encoding = true;
                 for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if coding.eq_ignore_ascii_case(b"chunked") {
                         chunked_codings += 1;
                     } else if !coding.is_empty() {
-                        return Err(Http1Error::malformed(format!(
-                            "the transfer coding {:?}, which the proxy cannot pass on (only chunked)",
-                            String::from_utf8_lossy(coding)
-                        )));
+                        other_coding
+                            .get_or_insert_with(|| String::from_utf8_lossy(coding).into_owned());
                     }
-                }
-                if chunked_codings > 1 {
-                    return Err(Http1Error::malformed("chunked applied twice"));
                 }
                 this_hop_only = true;
             } else if name.eq_ignore_ascii_case(b"keep-alive") {
@@ -625,6 +620,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         {
             Framing::Done
         } else if transfer_encoding {
+            // Only `chunked` alone is taken: Transfer-Encoding is not passed on, so a body
+            // still in another coding (`gzip, chunked`) would reach the caller with nothing to
+            // say how to read it.
+            if let Some(coding) = other_coding {
+                return Err(Http1Error::malformed(format!(
+                    "the transfer coding {coding:?}, which the proxy cannot pass on (only chunked)"
+                )));
+            }
+            if chunked_codings > 1 {
+                return Err(Http1Error::malformed("chunked applied twice"));
+            }
             // Transfer-Encoding decides; a Content-Length beside it means nothing.
             headers.remove(http::header::CONTENT_LENGTH);
             if chunked_codings == 1 {
@@ -1032,18 +1038,81 @@ mod tests {
         assert!(connection.send(&head, body).await.is_ok());
         let started = Instant::now();
         let mut received = Vec::new();
-        let error = loop {
-            match poll_fn(|cx| connection.poll_body(cx)).await {
-                Some(Ok(piece)) => received.extend_from_slice(&piece),
-                Some(Err(e)) => break e,
-                None => panic!("the body ended: {received:?}"),
+        let error = tokio::time::timeout(LIMIT * 10, async {
+            loop {
+                match poll_fn(|cx| connection.poll_body(cx)).await {
+                    Some(Ok(piece)) => received.extend_from_slice(&piece),
+                    Some(Err(e)) => break e,
+                    None => panic!("the body ended: {received:?}"),
+                }
             }
-        };
+        })
+        .await
+        .expect("the stalled body is cut short");
         assert_eq!(received, b"abcde");
         assert!(matches!(error, Http1Error::Stalled(LIMIT)), "{error:?}");
         assert_eq!(started.elapsed(), LIMIT * 12 / 10 + LIMIT);
         assert!(!connection.is_reusable());
         drop(upstream.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_waiting_while_the_request_body_is_still_sent_is_not_cut_short() {
+        const LIMIT: Duration = Duration::from_secs(30);
+        const UPLOAD: usize = 8 * 1024;
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut connection = Connection::new(ours).with_stall_limit(LIMIT);
+        let upstream = tokio::spawn(async move {
+            let mut head = [0; 512];
+            let _ = theirs.read(&mut head).await.unwrap();
+            theirs
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+                .await
+                .unwrap();
+            // The upload is taken slowly, twice the limit in all, and answered at its end.
+            let mut taken = 0;
+            let mut buf = [0; 1024];
+            while taken < UPLOAD {
+                tokio::time::sleep(LIMIT / 4).await;
+                taken += theirs.read(&mut buf).await.unwrap();
+            }
+            theirs.write_all(b"ok").await.unwrap();
+            theirs
+        });
+        let (parts, body) = get("/x").into_parts();
+        let head = RequestHead {
+            parts: &parts,
+            set: &[],
+            leave_out: |_| false,
+        };
+        assert!(connection.send(&head, body).await.is_ok());
+        // The rest of a request body, still to be sent once the answer's head has come.
+        connection.out.queue(Bytes::from(vec![b'u'; UPLOAD]), false);
+        let started = Instant::now();
+        let body = tokio::time::timeout(LIMIT * 10, read_body(&mut connection))
+            .await
+            .expect("an answer");
+        assert_eq!(body.unwrap(), b"ok");
+        assert!(started.elapsed() >= LIMIT * 2, "{:?}", started.elapsed());
+        drop(upstream.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_transfer_coding_on_an_answer_without_a_body_is_no_error() {
+        let mut head = get("/x");
+        *head.method_mut() = Method::HEAD;
+        let (result, _, _) = exchange(
+            head,
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        )
+        .await;
+        assert!(result.unwrap().1.is_empty());
+        let (result, _, _) = exchange(
+            get("/x"),
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        )
+        .await;
+        assert_eq!(result.unwrap().0.status, 204);
     }
 
     #[tokio::test]

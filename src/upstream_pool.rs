@@ -301,7 +301,13 @@ impl Body for PooledBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                tracing::warn!("an answer was cut short: {e}");
+                // A stall is reported (once per idle_timeout at most); a closing upstream is
+                // already in the caller's cut-short body, and could repeat at every request.
+                if matches!(e, Http1Error::Stalled(_)) {
+                    tracing::warn!("an answer was cut short: {e}");
+                } else {
+                    tracing::debug!("an answer was cut short: {e}");
+                }
                 this.owner = None; // the connection and the place go
                 Poll::Ready(Some(Err(e)))
             }
