@@ -4,13 +4,12 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Instant;
 
-use crate::lazy_deadline::LazyDeadline;
+use crate::lazy_deadline::{LazyDeadline, StallWatch};
 
 /// A caller's stream whose writes fail with `TimedOut` once one has waited `limit` for the
 /// caller to take bytes. Writes that go straight through cost no clock reading and no timer.
@@ -19,8 +18,7 @@ pub struct StallLimited<S> {
     limit: Duration,
     /// Made at the first stall, and moved for each one after it.
     deadline: Option<LazyDeadline>,
-    /// Whether the last write had to wait: the deadline runs from the first wait on.
-    stalled: bool,
+    stall: StallWatch,
 }
 
 impl<S> StallLimited<S> {
@@ -29,7 +27,7 @@ impl<S> StallLimited<S> {
             inner,
             limit,
             deadline: None,
-            stalled: false,
+            stall: StallWatch::default(),
         }
     }
 
@@ -41,28 +39,14 @@ impl<S> StallLimited<S> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stalled = false;
+            self.stall.progressed();
             return polled;
         }
-        if !self.stalled {
-            self.stalled = true;
-            let at = Instant::now() + self.limit;
-            match &mut self.deadline {
-                Some(deadline) => deadline.set(at),
-                None => self.deadline = Some(LazyDeadline::new(at)),
-            }
-        }
-        match self
-            .deadline
-            .as_mut()
-            .map(|deadline| deadline.poll_passed(cx))
-        {
-            Some(Poll::Ready(())) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the caller took none of its answer for {:?}", self.limit),
-            ))),
-            _ => Poll::Pending,
-        }
+        ready!(self.stall.poll_stalled(&mut self.deadline, self.limit, cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the caller took none of its answer for {:?}", self.limit),
+        )))
     }
 }
 
@@ -114,6 +98,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallLimited<S> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
 
     const LIMIT: Duration = Duration::from_secs(30);
 

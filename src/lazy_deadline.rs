@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -18,6 +19,17 @@ impl LazyDeadline {
         LazyDeadline {
             timer: Box::pin(tokio::time::sleep_until(at)),
             at,
+        }
+    }
+
+    /// `timer` moved to `at`, or a new one when there is none yet.
+    pub fn reused(timer: Option<LazyDeadline>, at: Instant) -> LazyDeadline {
+        match timer {
+            Some(mut timer) => {
+                timer.set(at);
+                timer
+            }
+            None => LazyDeadline::new(at),
         }
     }
 
@@ -40,6 +52,37 @@ impl LazyDeadline {
             self.timer.as_mut().reset(self.at);
         }
         Poll::Pending
+    }
+}
+
+/// Times a stream's waits: the first wait after progress starts the clock, progress stops
+/// it, and a wait that lasts `limit` is a stall. The timer is passed in, so that a connection
+/// can share one with its other deadlines.
+#[derive(Default)]
+pub struct StallWatch {
+    waiting: bool,
+}
+
+impl StallWatch {
+    pub fn progressed(&mut self) {
+        self.waiting = false;
+    }
+
+    /// For a stream that has to wait (again): ready once it has waited `limit` since its last
+    /// progress.
+    pub fn poll_stalled(
+        &mut self,
+        timer: &mut Option<LazyDeadline>,
+        limit: Duration,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        if !self.waiting {
+            self.waiting = true;
+            *timer = Some(LazyDeadline::reused(timer.take(), Instant::now() + limit));
+        }
+        timer
+            .as_mut()
+            .map_or(Poll::Pending, |timer| timer.poll_passed(cx))
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::body::ForwardBody;
-use crate::lazy_deadline::LazyDeadline;
+use crate::lazy_deadline::{LazyDeadline, StallWatch};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -162,8 +162,7 @@ pub struct Connection<T> {
     deadline: Option<LazyDeadline>,
     /// How long a response body may send nothing before it is cut short (`None`: for ever).
     stall_limit: Option<Duration>,
-    /// Whether the body's last read had to wait: the stall deadline runs from then on.
-    stalled: bool,
+    stall: StallWatch,
 }
 
 /// What [`Connection::parse_head`] found at the start of the read buffer.
@@ -187,7 +186,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
             fields: Vec::new(),
             deadline: None,
             stall_limit: None,
-            stalled: false,
+            stall: StallWatch::default(),
         }
     }
 
@@ -292,14 +291,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         body: ForwardBody,
         deadline: Instant,
     ) -> Result<http::response::Parts, SendFailure> {
-        self.stalled = false;
-        let mut timer = match self.deadline.take() {
-            Some(mut timer) => {
-                timer.set(deadline);
-                timer
-            }
-            None => LazyDeadline::new(deadline),
-        };
+        self.stall.progressed();
+        let mut timer = LazyDeadline::reused(self.deadline.take(), deadline);
         let sent = {
             let mut sending = pin!(self.send(head, body));
             poll_fn(|cx| match sending.as_mut().poll(cx) {
@@ -324,24 +317,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Connection<T> {
         };
         // While the request body is still being sent, the wait is the upload's, not a stall.
         if polled.is_ready() || self.request_body_pending() {
-            self.stalled = false;
+            self.stall.progressed();
             return polled;
         }
-        if !self.stalled {
-            self.stalled = true;
-            let at = Instant::now() + limit;
-            match &mut self.deadline {
-                Some(timer) => timer.set(at),
-                None => self.deadline = Some(LazyDeadline::new(at)),
-            }
-        }
-        match self.deadline.as_mut().map(|timer| timer.poll_passed(cx)) {
-            Some(Poll::Ready(())) => {
-                self.keep_alive = false;
-                Poll::Ready(Some(Err(Http1Error::Stalled(limit))))
-            }
-            _ => Poll::Pending,
-        }
+        ready!(self.stall.poll_stalled(&mut self.deadline, limit, cx));
+        self.keep_alive = false;
+        Poll::Ready(Some(Err(Http1Error::Stalled(limit))))
     }
 
     fn poll_body_as_it_comes(
@@ -901,6 +882,17 @@ mod tests {
             .unwrap()
     }
 
+    /// Sends `GET /x` as it is and reads the answer's head.
+    async fn send_get(connection: &mut Connection<DuplexStream>) {
+        let (parts, body) = get("/x").into_parts();
+        let head = RequestHead {
+            parts: &parts,
+            set: &[],
+            leave_out: |_| false,
+        };
+        assert!(connection.send(&head, body).await.is_ok());
+    }
+
     async fn read_body(connection: &mut Connection<DuplexStream>) -> Result<Vec<u8>, Http1Error> {
         let mut body = Vec::new();
         while let Some(piece) = poll_fn(|cx| connection.poll_body(cx)).await {
@@ -1028,14 +1020,7 @@ mod tests {
             }
             theirs // open, with the last byte never sent
         });
-        let request = get("/x");
-        let (parts, body) = request.into_parts();
-        let head = RequestHead {
-            parts: &parts,
-            set: &[],
-            leave_out: |_| false,
-        };
-        assert!(connection.send(&head, body).await.is_ok());
+        send_get(&mut connection).await;
         let started = Instant::now();
         let mut received = Vec::new();
         let error = tokio::time::timeout(LIMIT * 10, async {
@@ -1079,13 +1064,7 @@ mod tests {
             theirs.write_all(b"ok").await.unwrap();
             theirs
         });
-        let (parts, body) = get("/x").into_parts();
-        let head = RequestHead {
-            parts: &parts,
-            set: &[],
-            leave_out: |_| false,
-        };
-        assert!(connection.send(&head, body).await.is_ok());
+        send_get(&mut connection).await;
         // The rest of a request body, still to be sent once the answer's head has come.
         connection.out.queue(Bytes::from(vec![b'u'; UPLOAD]), false);
         let started = Instant::now();
