@@ -1,6 +1,6 @@
 //! A deadline for a connection that sets one after another (a head to read, an answer to
-//! wait for): one timer, moved only when it fires before the deadline at hand, instead of a
-//! timer set and cancelled for each.
+//! wait for, a stream that stalls): one timer, moved only when it fires before the deadline
+//! at hand, instead of a timer set and cancelled for each; and the stall clock that uses it.
 
 use std::future::Future;
 use std::pin::Pin;
