@@ -76,13 +76,15 @@ impl StallWatch {
         limit: Duration,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        if !self.waiting {
-            self.waiting = true;
-            *timer = Some(LazyDeadline::reused(timer.take(), Instant::now() + limit));
-        }
-        timer
-            .as_mut()
-            .map_or(Poll::Pending, |timer| timer.poll_passed(cx))
+        let timer = match timer {
+            Some(timer) if self.waiting => timer,
+            _ => {
+                self.waiting = true;
+                let started = LazyDeadline::reused(timer.take(), Instant::now() + limit);
+                timer.insert(started)
+            }
+        };
+        timer.poll_passed(cx)
     }
 }
 
